@@ -1,0 +1,137 @@
+"""Reading one 300W-LP / AFLW2000-3D sample: the .mat annotation and the image.
+
+A bad file raises a :class:`~preprocessing.errors.DatasetError` subclass naming the file and the
+reason; nothing is silently skipped here (callers decide whether to quarantine or stop).
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import scipy.io
+from scipy.io.matlab import MatReadError
+
+from models.params import NUM_EXPRESSION, NUM_SHAPE
+from preprocessing.errors import (
+    CorruptAnnotationError,
+    CorruptImageError,
+    InvalidValueError,
+    MissingFieldError,
+)
+
+# Fields the 62-d label is built from, with the minimum shape each must have.
+LABEL_FIELDS = {"Pose_Para": 7, "Shape_Para": NUM_SHAPE, "Exp_Para": NUM_EXPRESSION}
+_JPEG_SOI = b"\xff\xd8"
+_JPEG_EOI = b"\xff\xd9"
+# A complete JPEG ends with EOI; some writers append a few padding bytes after it.
+_JPEG_TAIL_SEARCH = 64
+
+
+@dataclass(frozen=True)
+class MatAnnotation:
+    """The fields of a 300W-LP / AFLW2000-3D .mat file that the project uses.
+
+    Attributes:
+        path: where it was read from.
+        pose_para: (7,) pitch, yaw, roll [rad], tx, ty, tz, scale (image coordinates, y up).
+        shape_para: (S,) identity coefficients, S >= 40 (199 in the real files).
+        exp_para: (E,) expression coefficients, E >= 10 (29 in the real files).
+        pt2d: (2, K) 2D landmarks in 1-based image pixels (68 in 300W-LP, 21 in AFLW2000-3D;
+            -1 marks a missing point), or None.
+        pt3d_68: (3, 68) 3D landmarks in image coordinates (AFLW2000-3D), or None.
+        roi: (4,) the dataset's own face box, or None.
+    """
+
+    path: str
+    pose_para: np.ndarray
+    shape_para: np.ndarray
+    exp_para: np.ndarray
+    pt2d: np.ndarray | None = None
+    pt3d_68: np.ndarray | None = None
+    roi: np.ndarray | None = None
+
+    @property
+    def scale(self) -> float:
+        return float(self.pose_para[6])
+
+
+def parse_mat(data: bytes, path: str, require_pt3d: bool = False) -> MatAnnotation:
+    """Parse the bytes of a .mat file into a validated :class:`MatAnnotation`."""
+    if not data:
+        raise CorruptAnnotationError(path, "empty file")
+    try:
+        raw = scipy.io.loadmat(io.BytesIO(data))
+    except (MatReadError, ValueError, TypeError, OSError, EOFError, IndexError, KeyError,
+            zlib.error) as err:
+        raise CorruptAnnotationError(path, f"not a readable MAT file ({type(err).__name__}: {err})") from err
+    fields: dict[str, np.ndarray] = {}
+    for key, min_size in LABEL_FIELDS.items():
+        if key not in raw:
+            raise MissingFieldError(path, f"field '{key}' is missing")
+        value = _numeric(path, key, raw[key]).reshape(-1)
+        if value.size < min_size:
+            raise InvalidValueError(path, f"field '{key}' has {value.size} values, expected >= {min_size}")
+        fields[key] = value
+    pose = fields["Pose_Para"][:7]
+    if pose[6] == 0:
+        raise InvalidValueError(path, "field 'Pose_Para' has scale 0: every point projects to t")
+    optional = {}
+    for key, rows in (("pt2d", 2), ("pt3d_68", 3)):
+        if key in raw:
+            value = _numeric(path, key, raw[key])
+            if value.ndim != 2 or value.shape[0] != rows:
+                raise InvalidValueError(path, f"field '{key}' has shape {value.shape}, expected ({rows}, K)")
+            optional[key] = value
+    if require_pt3d and "pt3d_68" not in optional:
+        raise MissingFieldError(path, "field 'pt3d_68' is missing")
+    if "pt3d_68" in optional and optional["pt3d_68"].shape != (3, 68):
+        raise InvalidValueError(path, f"field 'pt3d_68' has shape {optional['pt3d_68'].shape}, expected (3, 68)")
+    roi = _numeric(path, "roi", raw["roi"]).reshape(-1)[:4] if "roi" in raw else None
+    return MatAnnotation(
+        path=path, pose_para=pose, shape_para=fields["Shape_Para"], exp_para=fields["Exp_Para"],
+        pt2d=optional.get("pt2d"), pt3d_68=optional.get("pt3d_68"), roi=roi,
+    )
+
+
+def _numeric(path: str, key: str, value: object) -> np.ndarray:
+    array = np.asarray(value)
+    if array.dtype.kind not in "iuf":
+        raise InvalidValueError(path, f"field '{key}' is not numeric (dtype {array.dtype})")
+    array = array.astype(np.float64)
+    if not np.all(np.isfinite(array)):
+        raise InvalidValueError(path, f"field '{key}' holds NaN or inf")
+    return array
+
+
+def decode_image(data: bytes, path: str) -> np.ndarray:
+    """Decode encoded image bytes to (H, W, 3) uint8 BGR; a truncated JPEG is an error."""
+    if not data:
+        raise CorruptImageError(path, "empty file")
+    if data[:2] == _JPEG_SOI and _JPEG_EOI not in data[-_JPEG_TAIL_SEARCH:]:
+        raise CorruptImageError(path, "truncated JPEG (no end-of-image marker)")
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise CorruptImageError(path, "not a decodable image")
+    return image
+
+
+def parse_pts_mat(data: bytes, path: str) -> dict[str, np.ndarray]:
+    """A 300W-LP ``landmarks/*_pts.mat`` file -> ``{"pts_2d": (2, 68), "pts_3d": (2, 68)}``."""
+    try:
+        raw = scipy.io.loadmat(io.BytesIO(data))
+    except (MatReadError, ValueError, TypeError, OSError, EOFError, IndexError, KeyError,
+            zlib.error) as err:
+        raise CorruptAnnotationError(path, f"not a readable MAT file ({type(err).__name__}: {err})") from err
+    out = {}
+    for key in ("pts_2d", "pts_3d"):
+        if key not in raw:
+            raise MissingFieldError(path, f"field '{key}' is missing")
+        value = _numeric(path, key, raw[key])
+        if value.shape != (68, 2):
+            raise InvalidValueError(path, f"field '{key}' has shape {value.shape}, expected (68, 2)")
+        out[key] = value.T
+    return out

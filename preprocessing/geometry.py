@@ -1,0 +1,129 @@
+"""Crop boxes and the transforms between an image and its 120x120 crop.
+
+Coordinate convention (one for the whole project): points are in **1-based pixel coordinates**,
+as in the 300W-LP / AFLW2000-3D .mat files (MATLAB): the centre of array pixel ``[row r, col c]``
+(0-based) is ``(x, y) = (c + 1, r + 1)``, y pointing down. Crop coordinates follow the same rule in
+the crop. A box is ``(sx, sy, ex, ey)`` in image coordinates and maps onto the crop by
+``x_crop = (x - sx) * size / (ex - sx)``, ``y_crop = (y - sy) * size / (ey - sy)``.
+
+The 62-d parameter's own frame has y pointing up: ``y_crop = size + 1 - y_param`` (3DDFA v1's
+``121 - y``; 3DDFA_V2's ``x - 1, 120 - y`` is the same frame written 0-based).
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+
+CROP_SIZE = 120
+# Landmark rule (3DDFA benchmark ROI): square box around the landmarks' bbox, side = its diagonal.
+LANDMARK_BOX_FACTOR = math.sqrt(2.0)
+# Detector-box rule (3DDFA_V2 ``parse_roi_box_from_bbox``): centre shifted down by 0.14 of the
+# mean side, side 1.58 times it.
+DETECTOR_BOX_SHIFT = 0.14
+DETECTOR_BOX_FACTOR = 1.58
+
+
+def _check_box(box: np.ndarray) -> np.ndarray:
+    box = np.asarray(box, dtype=np.float64)
+    if box.shape[-1] != 4:
+        raise ValueError(f"a box is (sx, sy, ex, ey); got shape {box.shape}")
+    if np.any(box[..., 2] <= box[..., 0]) or np.any(box[..., 3] <= box[..., 1]):
+        raise ValueError(f"degenerate box (ex <= sx or ey <= sy): {box.tolist()}")
+    return box
+
+
+def landmark_crop_box(landmarks: np.ndarray) -> np.ndarray:
+    """Square crop box from 2D landmarks (2 or 3, K) -> (4,): 3DDFA's benchmark ROI rule.
+
+    bbox of the landmarks, centre c, ``r = max(w, h) / 2``, side ``L = sqrt(2) * 2r``.
+    """
+    points = np.asarray(landmarks, dtype=np.float64)[:2]
+    if points.ndim != 2 or points.shape[1] < 2 or not np.all(np.isfinite(points)):
+        raise ValueError(f"expected finite landmarks of shape (2, K>=2), got {points.shape}")
+    lo, hi = points.min(axis=1), points.max(axis=1)
+    centre = (lo + hi) / 2.0
+    radius = max(hi - lo) / 2.0
+    if radius <= 0:
+        raise ValueError("degenerate landmarks: all points coincide")
+    half = LANDMARK_BOX_FACTOR * radius
+    return np.array([centre[0] - half, centre[1] - half, centre[0] + half, centre[1] + half])
+
+
+def detector_crop_box(detection: np.ndarray) -> np.ndarray:
+    """Square crop box from a face-detector box (x1, y1, x2, y2) -> (4,): 3DDFA_V2's rule."""
+    x1, y1, x2, y2 = _check_box(detection)
+    size = (x2 - x1 + y2 - y1) / 2.0
+    cx = (x1 + x2) / 2.0
+    cy = (y1 + y2) / 2.0 + DETECTOR_BOX_SHIFT * size
+    half = DETECTOR_BOX_FACTOR * size / 2.0
+    return np.array([cx - half, cy - half, cx + half, cy + half])
+
+
+def box_scales(box: np.ndarray, size: int = CROP_SIZE) -> tuple[float, float]:
+    """Image -> crop scale factors (s_x, s_y) of a box."""
+    sx, sy, ex, ey = _check_box(box)
+    return size / (ex - sx), size / (ey - sy)
+
+
+def image_to_crop(points: np.ndarray, box: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
+    """Image coordinates (2 or 3, K) -> crop coordinates; a z row is scaled by the mean scale."""
+    points = np.asarray(points, dtype=np.float64)
+    s_x, s_y = box_scales(box, size)
+    out = points.copy()
+    out[0] = (points[0] - box[0]) * s_x
+    out[1] = (points[1] - box[1]) * s_y
+    if len(points) > 2:
+        out[2:] = points[2:] * (s_x + s_y) / 2.0
+    return out
+
+
+def crop_to_image(points: np.ndarray, box: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
+    """Inverse of :func:`image_to_crop`."""
+    points = np.asarray(points, dtype=np.float64)
+    s_x, s_y = box_scales(box, size)
+    out = points.copy()
+    out[0] = points[0] / s_x + box[0]
+    out[1] = points[1] / s_y + box[1]
+    if len(points) > 2:
+        out[2:] = points[2:] * 2.0 / (s_x + s_y)
+    return out
+
+
+def param_frame_to_crop(points: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
+    """Points in the parameter's frame (y up) (3, K) -> crop coordinates (y down)."""
+    out = np.array(points, dtype=np.float64, copy=True)
+    out[1] = size + 1 - out[1]
+    return out
+
+
+def crop_affine(box: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
+    """2x3 matrix taking 0-based image array positions to 0-based crop array positions.
+
+    In 1-based coordinates ``x_c = s (x - sx)``; with ``x = c + 1`` and ``x_c = c_c + 1`` this is
+    ``c_c = s c + s (1 - sx) - 1``.
+    """
+    s_x, s_y = box_scales(box, size)
+    return np.array(
+        [[s_x, 0.0, s_x * (1.0 - box[0]) - 1.0], [0.0, s_y, s_y * (1.0 - box[1]) - 1.0]]
+    )
+
+
+def crop_image(image: np.ndarray, box: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
+    """Bilinear crop of ``image`` (H, W, C) uint8 to (size, size, C); outside the image is black."""
+    return cv2.warpAffine(
+        image, crop_affine(box, size), (size, size), flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT, borderValue=0,
+    )
+
+
+def nme(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """2D NME of landmarks (..., 2+, K): mean point error over sqrt(w*h) of the truth's 2D bbox."""
+    predicted = np.asarray(predicted, dtype=np.float64)[..., :2, :]
+    truth = np.asarray(truth, dtype=np.float64)[..., :2, :]
+    extent = truth.max(axis=-1) - truth.min(axis=-1)  # (..., 2)
+    norm = np.sqrt(extent[..., 0] * extent[..., 1])
+    errors = np.linalg.norm(predicted - truth, axis=-2).mean(axis=-1)
+    return errors / norm

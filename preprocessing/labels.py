@@ -1,0 +1,118 @@
+"""The 62-d label of a sample: from a .mat annotation and a crop box, and the way back.
+
+For a box ``(sx, sy, ex, ey)`` with crop scales ``s_x = 120 / (ex - sx)``, ``s_y = 120 / (ey - sy)``
+(equal for the square boxes the crop rules make) and an image of height H::
+
+    f*R rows   = s_x * scale * R[0],  s_y * scale * R[1],  (s_x + s_y) / 2 * scale * R[2]
+    t'x        = s_x (tx - sx)
+    t'y        = 121 - s_y (H + 1 - ty - sy)
+    t'z        = (s_x + s_y) / 2 * tz
+    alpha_shp  = Shape_Para[:40],   alpha_exp = Exp_Para[:10]
+
+so that the label's landmarks, mapped to crop pixels (``y_crop = 121 - y``, see
+:mod:`preprocessing.geometry`) and back through the box, are the .mat's image-space landmarks
+``X = scale R S + t`` with image row ``H + 1 - X_y``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from models.morphable import MorphableModel
+from models.params import (
+    NUM_EXPRESSION,
+    NUM_SHAPE,
+    angles_from_rotation,
+    compose_params,
+    rotation_from_angles,
+    scale_rotation_from_camera,
+    split_params,
+)
+from preprocessing.annotations import MatAnnotation
+from preprocessing.errors import InvalidValueError
+from preprocessing.geometry import CROP_SIZE, box_scales, crop_to_image, param_frame_to_crop
+
+
+def image_landmarks(model: MorphableModel, annotation: MatAnnotation, image_height: int) -> np.ndarray:
+    """The 68 landmarks the annotation's parameters give, in image coordinates (3, 68).
+
+    Row y is the image row (1-based, down); z is the rotated, scaled depth (toward the camera).
+    """
+    pitch, yaw, roll, tx, ty, tz, scale = annotation.pose_para
+    params = np.zeros(62)
+    params[12:12 + NUM_SHAPE] = annotation.shape_para[:NUM_SHAPE]
+    params[12 + NUM_SHAPE:] = annotation.exp_para[:NUM_EXPRESSION]
+    shape = model.shapes(params, model.landmark_indices)
+    points = scale * rotation_from_angles(pitch, yaw, roll) @ shape + np.array([[tx], [ty], [tz]])
+    points[1] = image_height + 1 - points[1]
+    return points
+
+
+def label_from_annotation(
+    annotation: MatAnnotation, box: np.ndarray, image_height: int, size: int = CROP_SIZE
+) -> np.ndarray:
+    """The 62-d label (float64) of an annotated face cropped by ``box``; see the module docstring."""
+    box = np.asarray(box, dtype=np.float64)
+    pitch, yaw, roll, tx, ty, tz, scale = annotation.pose_para
+    s_x, s_y = box_scales(box, size)
+    s_z = (s_x + s_y) / 2.0
+    scaled_rotation = scale * rotation_from_angles(pitch, yaw, roll) * np.array([[s_x], [s_y], [s_z]])
+    translation = np.array([
+        s_x * (tx - box[0]),
+        size + 1 - s_y * (image_height + 1 - ty - box[1]),
+        s_z * tz,
+    ])
+    label = compose_params(
+        scaled_rotation, translation,
+        annotation.shape_para[:NUM_SHAPE], annotation.exp_para[:NUM_EXPRESSION],
+    )
+    if not np.all(np.isfinite(label)):
+        raise InvalidValueError(annotation.path, "label holds NaN or inf")
+    return label
+
+
+def pose_para_from_label(
+    label: np.ndarray, box: np.ndarray, image_height: int, size: int = CROP_SIZE
+) -> np.ndarray:
+    """The way back: a label and its box -> the .mat's ``Pose_Para`` (7,).
+
+    Angles come back canonical and the scale positive (see :func:`canonical_angles`).
+    """
+    box = np.asarray(box, dtype=np.float64)
+    scaled_rotation, translation, _, _ = split_params(np.asarray(label, dtype=np.float64))
+    s_x, s_y = box_scales(box, size)
+    s_z = (s_x + s_y) / 2.0
+    image_scaled = scaled_rotation / np.array([[s_x], [s_y], [s_z]])
+    # A mirrored (negative-scale) annotation comes back as |scale| and the rotation it projects
+    # like, see canonical_angles.
+    scale, rotation = scale_rotation_from_camera(image_scaled)
+    tx = translation[0] / s_x + box[0]
+    ty = image_height + 1 - box[1] - (size + 1 - translation[1]) / s_y
+    tz = translation[2] / s_z
+    return np.concatenate([angles_from_rotation(rotation), [tx, ty, tz, scale]])
+
+
+def canonical_angles(pose_para: np.ndarray) -> np.ndarray:
+    """(pitch, yaw, roll) of a ``Pose_Para`` (7,) as the label gives them back.
+
+    Two spellings in real files are rewritten: angles outside yaw in [-90, 90] degrees (e.g.
+    pitch -300 degrees: the same rotation, other angles), and a negative scale (``s R`` with
+    ``s < 0`` projects like ``|s| Rz(180) R`` with z mirrored, so that rotation is the pose).
+    """
+    pose = np.asarray(pose_para, dtype=np.float64)
+    rotation = rotation_from_angles(pose[0], pose[1], pose[2])
+    if pose[6] < 0:
+        rotation = np.diag([-1.0, -1.0, 1.0]) @ rotation
+    return angles_from_rotation(rotation)
+
+
+def crop_landmarks(model: MorphableModel, label: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
+    """The label's 68 landmarks in crop pixel coordinates (..., 3, 68), y down."""
+    return param_frame_to_crop(model.landmarks(np.asarray(label, dtype=np.float64)), size)
+
+
+def landmarks_in_image(
+    model: MorphableModel, label: np.ndarray, box: np.ndarray, size: int = CROP_SIZE
+) -> np.ndarray:
+    """The label's 68 landmarks mapped back to image coordinates (3, 68)."""
+    return crop_to_image(crop_landmarks(model, label, size), box, size)
