@@ -89,7 +89,8 @@ def parse_mat(data: bytes, path: str, require_pt3d: bool = False) -> MatAnnotati
     if require_pt3d and "pt3d_68" not in optional:
         raise MissingFieldError(path, "field 'pt3d_68' is missing")
     if "pt3d_68" in optional and optional["pt3d_68"].shape != (3, 68):
-        raise InvalidValueError(path, f"field 'pt3d_68' has shape {optional['pt3d_68'].shape}, expected (3, 68)")
+        shape = optional["pt3d_68"].shape
+        raise InvalidValueError(path, f"field 'pt3d_68' has shape {shape}, expected (3, 68)")
     roi = _numeric(path, "roi", raw["roi"]).reshape(-1)[:4] if "roi" in raw else None
     return MatAnnotation(
         path=path, pose_para=pose, shape_para=fields["Shape_Para"], exp_para=fields["Exp_Para"],

@@ -117,7 +117,8 @@ def test_bfm68_loader_reads_the_reference_bases(bfm68):
 def test_bfm68_wrong_file_is_named(tmp_path):
     for name, shape in (("u_base.txt", (204,)), ("w_shp_base.txt", (204, 40)), ("w_exp_base.txt", (204, 9))):
         np.savetxt(tmp_path / name, np.zeros(shape))
-    with pytest.raises(MorphableModelError, match=r"w_exp_base.txt: expected shape \(204, 10\), got \(204, 9\)"):
+    message = r"w_exp_base.txt: expected shape \(204, 10\), got \(204, 9\)"
+    with pytest.raises(MorphableModelError, match=message):
         MorphableModel.from_bfm68_dir(tmp_path)
 
 

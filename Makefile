@@ -1,0 +1,33 @@
+# Set-up, tests and the demo. Everything runs inside .venv, made on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CPU build of torch is installed first where the venv has none: an unpinned torch would pull
+# a multi-GB CUDA build. GPU machines: make setup TORCH_SPEC=torch (or the CUDA build you use).
+TORCH_SPEC ?= torch==2.13.0
+RUN_DIR ?= runs/demo
+
+.PHONY: setup test test-fast lint demo clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q -ra tests
+
+test-fast: setup
+	$(PY) -m pytest -q -ra -m "not slow" tests
+
+lint: setup
+	$(VENV)/bin/ruff check models preprocessing pipeline tests benchmarks
+
+demo: setup
+	$(VENV)/bin/frnet demo --out $(RUN_DIR)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

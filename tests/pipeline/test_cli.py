@@ -1,0 +1,47 @@
+"""The `frnet` command as a user runs it: a real subprocess, real files."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FRNET = [sys.executable, "-m", "pipeline.cli"]
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([*FRNET, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_usage_lists_the_stages(tmp_path):
+    result = run("--help", cwd=tmp_path)
+    assert result.returncode == 0 and "synth" in result.stdout and "demo" in result.stdout
+    result = run("nonsense", cwd=tmp_path)
+    assert result.returncode == 2 and "unknown stage 'nonsense'" in result.stderr
+
+
+def test_synth_writes_a_readable_folder_and_its_figures(tmp_path):
+    result = run("synth", "--layout", "aflw2000-3d", "--n", "3", "--seed", "2",
+                 "--out", str(tmp_path / "A"), "--workers", "1", "--json", str(tmp_path / "f.json"),
+                 cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads((tmp_path / "f.json").read_text())
+    assert figures["images"] == 3 and figures["images_per_second"] > 0 and figures["synthetic"]
+    assert sorted(p.name for p in (tmp_path / "A").glob("image*")) == [
+        f"image0000{i}.{ext}" for i in range(3) for ext in ("jpg", "mat")]
+    result = run("synth", "--layout", "aflw2000-3d", "--n", "0", "--out", str(tmp_path / "B"),
+                 cwd=tmp_path)
+    assert result.returncode == 2 and "n must be >= 1, got 0" in result.stderr
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path):
+    result = run("demo", "--out", str(tmp_path / "run"), "--train-images", "4", "--test-images", "3",
+                 "--workers", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads((tmp_path / "run" / "demo.json").read_text())
+    assert figures["round_trip_300w-lp"]["checked"] == 8
+    assert figures["round_trip_aflw2000-3d"]["max_error_px"] <= 1e-4
+    assert (tmp_path / "run" / "synthetic_crops.png").stat().st_size > 10_000
+    assert "Synthetic data (not real faces)" in result.stdout
