@@ -1,0 +1,107 @@
+"""Networks by name, their complexity, and weights from a file.
+
+Complexity convention: ``macs`` counts multiply-accumulates of the convolutions and matrix
+products (what ``torch.utils.flop_counter`` sees; BN, activations, pooling and the elementwise
+products of SE/SGE are not counted), ``flops = 2 * macs``.
+
+Which convention the papers use: Mobile-FRNet's MobileNetV2 "0.109 GFLOPs" is a count of
+multiply-adds, each counted once (the usual "FLOPs" of mobile papers): the same network here has
+93.2 M MACs (the paper's figure is 17 % above it; the 2-per-MAC count, 186.4 M, is 71 % above
+the paper's). The remaining 15.9 M is most likely the profiler charging the elementwise layers
+too (1.98 M BatchNorm and 1.81 M ReLU6 outputs at 4 ops each would be 15.2 M); the paper names
+no tool. 3DDFA_V2's MobileNetV1 "183.5 M MACs" is reproduced by conv/matmul MACs (177.4 M)
+plus 4 ops per BatchNorm output (1.50 M elements): 183.4 M.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from models.mobile_frnet import mobile_frnet, mobile_frnet_no_attention, mobilenet_v2
+from models.mobilenet_v1 import MobileNetV1, load_3ddfa_v2_checkpoint, strip_module_prefix
+from models.params import NUM_PARAMS
+
+# name -> builder(num_params, width)
+ARCHITECTURES: dict[str, Callable[[int, float], nn.Module]] = {
+    "mobile-frnet": mobile_frnet,
+    "mobile-frnet-noatt": mobile_frnet_no_attention,
+    "mobilenet-v2": mobilenet_v2,
+    "mobilenet-v1": lambda num_params, width: MobileNetV1(width, num_params),
+}
+INPUT_SIZE = 120
+
+
+def build_model(name: str, width: float = 1.0, num_params: int = NUM_PARAMS) -> nn.Module:
+    """A freshly initialised network: input (B, 3, 120, 120), output (B, num_params)."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
+    if width <= 0:
+        raise ValueError(f"width must be > 0, got {width}")
+    return ARCHITECTURES[name](num_params, width)
+
+
+def count_complexity(model: nn.Module, input_size: int = INPUT_SIZE) -> dict[str, int]:
+    """Parameters, MACs and FLOPs (= 2 MACs) of one forward pass of a 1x3xSxS input.
+
+    Runs the model once in eval mode under ``torch.no_grad`` and restores its mode.
+    """
+    if input_size < 1:
+        raise ValueError(f"input_size must be >= 1, got {input_size}")
+    params = sum(p.numel() for p in model.parameters())
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    try:
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model(torch.zeros(1, 3, input_size, input_size, device=device))
+    finally:
+        model.train(was_training)
+    flops = counter.get_total_flops()
+    return {"params": params, "macs": flops // 2, "flops": flops}
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Weights from ``path``: a state dict, or ``{"model": ...}`` / ``{"state_dict": ...}``.
+
+    Read with ``weights_only=True``; ``module.`` prefixes are dropped.
+    """
+    path = Path(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as err:
+        raise ValueError(f"{path}: cannot read as a torch checkpoint: {err}") from err
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"{path}: expected a dict checkpoint, got {type(checkpoint).__name__}")
+    for key in ("model", "state_dict"):
+        if isinstance(checkpoint.get(key), Mapping):
+            checkpoint = checkpoint[key]
+            break
+    if not all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
+        raise ValueError(f"{path}: expected a state dict of tensors (or one under 'model')")
+    return strip_module_prefix(checkpoint)
+
+
+def load_model(name: str, width: float = 1.0, checkpoint_path: Path | None = None,
+               num_params: int = NUM_PARAMS) -> nn.Module:
+    """``build_model`` plus weights from ``checkpoint_path`` (strict), in eval mode.
+
+    For ``mobilenet-v1`` the file may be a 3DDFA_V2 checkpoint (see
+    :func:`models.mobilenet_v1.load_3ddfa_v2_checkpoint`); ``num_params`` then follows the file.
+    """
+    if checkpoint_path is None:
+        return build_model(name, width, num_params).eval()
+    if name == "mobilenet-v1":
+        return load_3ddfa_v2_checkpoint(checkpoint_path, width)
+    model = build_model(name, width, num_params)
+    try:
+        model.load_state_dict(read_state_dict(checkpoint_path), strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{checkpoint_path}: does not fit {name} (width {width}): {err}") from err
+    return model.eval()
