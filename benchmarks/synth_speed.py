@@ -9,14 +9,21 @@ JPEG and .mat encoding, files).
 
 from __future__ import annotations
 
-import argparse
 import os
+
+# One thread per process, set before numpy loads, so "1 worker" means one core.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
 import platform
 import tempfile
 from pathlib import Path
 
-from pipeline.common import write_json
-from preprocessing.synth import SynthConfig, generate
+import cv2  # noqa: E402
+
+from pipeline.common import write_json  # noqa: E402
+from preprocessing.synth import SynthConfig, generate  # noqa: E402
 
 
 def main() -> None:
@@ -25,6 +32,7 @@ def main() -> None:
     parser.add_argument("--layout", default="aflw2000-3d")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    cv2.setNumThreads(1)
     cores = os.cpu_count() or 1
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

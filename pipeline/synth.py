@@ -2,6 +2,7 @@
 
     frnet synth --layout 300w-lp --n 400 --seed 0 --out data/synth/300W_LP
     python pipeline/synth.py --layout aflw2000-3d --n 200 --seed 1 --out data/synth/AFLW2000 --json f.json
+    frnet synth --config configs/synth.yaml --out data/synth/300W_LP     # flags override the file
 
 The folder is read by the same readers as the real download. Figures: images, seconds, images/s.
 """
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 from pipeline.common import progress_logger, setup_logging, write_json
+from preprocessing.config import ConfigError, from_dict, load_config
 from preprocessing.synth import LAYOUTS, SynthConfig, generate
 
 LOG = logging.getLogger("frnet.synth")
@@ -22,12 +24,13 @@ LOG = logging.getLogger("frnet.synth")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="frnet synth", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layout", required=True, choices=LAYOUTS)
-    parser.add_argument("--n", type=int, required=True,
+    parser.add_argument("--config", type=Path, help="YAML with SynthConfig's keys (configs/synth.yaml)")
+    parser.add_argument("--layout", choices=LAYOUTS)
+    parser.add_argument("--n", type=int,
                         help="images (300W-LP: in the unflipped folders; the _Flip folders double it)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int)
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--views", type=int, default=4, help="300W-LP: profile views per source face")
+    parser.add_argument("--views", type=int, help="300W-LP: profile views per source face (default 4)")
     parser.add_argument("--no-flip", action="store_true", help="300W-LP: skip the _Flip folders")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes")
     parser.add_argument("--json", type=Path, help="write the figures here")
@@ -37,13 +40,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
+    overrides = {key: value for key, value in (
+        ("layout", args.layout), ("n", args.n), ("seed", args.seed), ("views_per_face", args.views),
+        ("flip", False if args.no_flip else None)) if value is not None}
     try:
-        config = SynthConfig(layout=args.layout, n=args.n, seed=args.seed,
-                             views_per_face=args.views, flip=not args.no_flip)
-    except ValueError as err:
+        if args.config:
+            config = load_config(args.config, SynthConfig, overrides)
+        else:
+            config = from_dict(SynthConfig, overrides, source="command line")
+    except ConfigError as err:
         LOG.error("%s", err)
         return 2
-    LOG.info("rendering a synthetic %s folder into %s (seed %d)", args.layout, args.out, args.seed)
+    LOG.info("rendering a synthetic %s folder into %s (seed %d)", config.layout, args.out, config.seed)
     figures = generate(config, args.out, workers=args.workers,
                        progress=progress_logger(LOG, "rendered"))
     LOG.info("%d images in %.1f s: %.1f images/s (%.1f per worker, %d workers)", figures["images"],

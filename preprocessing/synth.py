@@ -305,6 +305,8 @@ _WORKER_HEAD: SyntheticHead | None = None
 
 def _init_worker() -> None:
     global _WORKER_HEAD  # one model per worker process, built once
+    # One thread per worker process: the processes are the parallelism.
+    cv2.setNumThreads(1)
     _WORKER_HEAD = build_synthetic_head()
 
 

@@ -131,3 +131,17 @@ def test_dense_subset_takes_its_landmarks_from_the_keypoint_model(bfm68):
     mean = dense.mean
     gaps = np.linalg.norm(mean[:, :4096, None] - mean[:, None, 4096:], axis=0).min(axis=0)
     assert gaps.max() < 5000  # model units (about 5 mm)
+
+
+def test_face_model_sources_by_name(bfm68, tmp_path):
+    from models.face_models import load_face_model
+
+    folder = shared_path("bfm68")
+    assert load_face_model(f"bfm68:{folder}").identity == bfm68.identity
+    assert load_face_model(str(folder)).identity == bfm68.identity
+    dense = load_face_model(f"dense:{shared_path('bfm_subset', 'bfm_4096.npz')}+bfm68:{folder}")
+    assert dense.num_vertices == 4164
+    synthetic = load_face_model("synthetic")
+    assert synthetic.triangles is not None and synthetic.is_dense
+    with pytest.raises(MorphableModelError, match="nope: not a morphable model source"):
+        load_face_model("nope")
