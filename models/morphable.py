@@ -13,7 +13,7 @@ vectors; the loaders convert. Everything works on numpy arrays and, unchanged, o
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,13 @@ import numpy as np
 from models.params import EXPRESSION_SLICE, NUM_EXPRESSION, NUM_PARAMS, NUM_SHAPE, SHAPE_SLICE
 
 NUM_LANDMARKS = 68
+# iBUG 68 left/right correspondence (0-based): landmark k of a mirrored face is landmark
+# IBUG_MIRROR_IDS[k] of the original (jaw, brows, nose, eyes and lips each reversed).
+IBUG_MIRROR_IDS = np.array(
+    list(range(16, -1, -1)) + list(range(26, 16, -1)) + [27, 28, 29, 30] + [35, 34, 33, 32, 31]
+    + [45, 44, 43, 42, 47, 46, 39, 38, 37, 36, 41, 40]
+    + [54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55] + [64, 63, 62, 61, 60, 67, 66, 65]
+)
 
 
 class MorphableModelError(ValueError):
@@ -45,6 +52,8 @@ class MorphableModel:
         expression_basis: (3, N, 10) float64 expression basis.
         landmark_indices: (68,) int64 vertex ids of the iBUG 68 landmarks, in iBUG order.
         triangles: optional (T, 3) int64 vertex ids, counter-clockwise seen from outside.
+        mirror_ids: optional (N,) int64: the vertex each vertex becomes under a left/right mirror
+            (an involution), e.g. the iBUG flip order for a 68-landmark model.
     """
 
     name: str
@@ -53,6 +62,7 @@ class MorphableModel:
     expression_basis: np.ndarray
     landmark_indices: np.ndarray
     triangles: np.ndarray | None = None
+    mirror_ids: np.ndarray | None = None
     _torch_cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -79,7 +89,16 @@ class MorphableModel:
             if tris.ndim != 2 or tris.shape[1] != 3 or tris.min() < 0 or tris.max() >= n:
                 raise MorphableModelError(f"{self.name}: triangles must be (T, 3) vertex ids in [0, {n})")
             object.__setattr__(self, "triangles", tris)
-        for attr in ("mean", "shape_basis", "expression_basis", "landmark_indices", "triangles"):
+        if self.mirror_ids is not None:
+            mirror = np.asarray(self.mirror_ids, dtype=np.int64)
+            if mirror.shape != (n,) or not np.array_equal(np.sort(mirror), np.arange(n)) \
+                    or not np.array_equal(mirror[mirror], np.arange(n)):
+                raise MorphableModelError(
+                    f"{self.name}: mirror_ids must be an involution of the {n} vertices"
+                )
+            object.__setattr__(self, "mirror_ids", mirror)
+        for attr in ("mean", "shape_basis", "expression_basis", "landmark_indices", "triangles",
+                     "mirror_ids"):
             value = getattr(self, attr)
             if value is not None:
                 if not np.all(np.isfinite(value)):
@@ -101,8 +120,9 @@ class MorphableModel:
         digest = hashlib.sha256()
         for array in (self.mean, self.shape_basis, self.expression_basis, self.landmark_indices):
             digest.update(np.ascontiguousarray(array).tobytes())
-        if self.triangles is not None:
-            digest.update(np.ascontiguousarray(self.triangles).tobytes())
+        for optional in (self.triangles, self.mirror_ids):
+            if optional is not None:
+                digest.update(np.ascontiguousarray(optional).tobytes())
         return f"{self.name}@sha256:{digest.hexdigest()[:16]}"
 
     def subset(self, vertex_ids: np.ndarray, name: str | None = None) -> MorphableModel:
@@ -122,7 +142,8 @@ class MorphableModel:
 
     def landmark_model(self) -> MorphableModel:
         """The 68-vertex model of the landmarks alone (what 3DDFA calls the ``_base`` arrays)."""
-        return self.subset(self.landmark_indices, name=f"{self.name}-68")
+        return replace(self.subset(self.landmark_indices, name=f"{self.name}-68"),
+                       mirror_ids=IBUG_MIRROR_IDS, _torch_cache={})
 
     def with_landmarks_from(self, other: MorphableModel, name: str | None = None) -> MorphableModel:
         """Append ``other``'s 68 landmark vertices to this model and use them as its landmarks.
@@ -194,8 +215,8 @@ class MorphableModel:
 
         Keys: ``u`` (or ``u_shp`` + ``u_exp``) (3N,), ``w_shp`` (3N, >=40), ``w_exp`` (3N, >=10),
         ``keypoints`` (204 flat indices into the 3N vector, or 68 vertex ids), optional ``tri``
-        ((T, 3) or (3, T), 0-based). Extra basis columns beyond 40 / 10 are dropped. Files are
-        read as plain arrays (``allow_pickle=False``).
+        ((T, 3) or (3, T), 0-based) and ``mirror`` ((N,) mirrored vertex ids). Extra basis
+        columns beyond 40 / 10 are dropped. Files are read as plain arrays (``allow_pickle=False``).
         """
         path = Path(path)
         arrays = _load_named_arrays(path)
@@ -223,6 +244,7 @@ class MorphableModel:
             expression_basis=_interleaved_to_planar(w_exp),
             landmark_indices=landmark_ids,
             triangles=triangles,
+            mirror_ids=arrays.get("mirror"),
         )
 
     @classmethod
@@ -247,6 +269,7 @@ class MorphableModel:
             shape_basis=_interleaved_to_planar(arrays["w_shp_base.txt"]),
             expression_basis=_interleaved_to_planar(arrays["w_exp_base.txt"]),
             landmark_indices=np.arange(NUM_LANDMARKS),
+            mirror_ids=IBUG_MIRROR_IDS,
         )
 
     @classmethod
@@ -289,6 +312,8 @@ class MorphableModel:
         }
         if self.triangles is not None:
             arrays["tri"] = self.triangles
+        if self.mirror_ids is not None:
+            arrays["mirror"] = self.mirror_ids
         np.savez(Path(path), **arrays)
 
 

@@ -34,7 +34,11 @@ standard deviation (``expression_std``) is a clearly visible expression:
 ``jaw_open`` (meant to be >= 0: a negative value pushes the lips through each other), ``smile``,
 ``frown`` (mouth corners down), ``lip_pucker``, ``brow_raise``, ``brow_furrow``, ``eyes_close``
 (1.0 = closed, negative = wide open), ``wink_image_left`` (closes the eye with x < 0, landmarks
-36-41), ``cheek_puff``, ``lip_press`` (lips pressed thin and stretched).
+36-41), ``cheek_puff``, ``wink_image_right`` (its mirror image: the eye with x > 0, 42-47).
+
+Both bases are closed under left/right mirroring (every identity mode is mirror-symmetric or
+mirror-antisymmetric; the two winks mirror each other), so a mirrored face is again a face of the
+model and a horizontal flip has an exact 62-d label (:mod:`models.mirror`).
 
 Regions (``vertex_region``, int8; the ids are class constants of :class:`SyntheticHead`):
 0 SKIN, 1 LIPS, 2 EYEBROW, 3 SCLERA, 4 IRIS, 5 PUPIL, 6 HAIR (scalp), 7 MOUTH_INTERIOR,
@@ -55,7 +59,7 @@ from models.params import NUM_EXPRESSION, NUM_SHAPE
 
 EXPRESSION_NAMES: tuple[str, ...] = (
     "jaw_open", "smile", "frown", "lip_pucker", "brow_raise",
-    "brow_furrow", "eyes_close", "wink_image_left", "cheek_puff", "lip_press",
+    "brow_furrow", "eyes_close", "wink_image_left", "cheek_puff", "wink_image_right",
 )
 REGION_NAMES: tuple[str, ...] = (
     "skin", "lips", "eyebrow", "sclera", "iris", "pupil", "hair", "mouth_interior", "nostril",
@@ -921,20 +925,21 @@ def _identity_fields(p: np.ndarray) -> np.ndarray:
     angle, angle_odd = _mirror_gauss(p, (58000.0, -50000.0, 25000.0), (18000.0, 18000.0, 25000.0))
     add(angle_odd, -0.2 * angle, zero)  # jaw angle
 
-    # The rest: smooth random fields (fixed seed), mirror-symmetric but for a small one-sided
-    # part, as faces are nearly symmetric.
+    # The rest: smooth random fields (fixed seed). Every third one is mirror-antisymmetric (the
+    # face's asymmetry), the others mirror-symmetric; with no mixed field the basis stays closed
+    # under mirroring, and Gram-Schmidt keeps each field's parity.
     rng = np.random.default_rng(20240611)
     face_ids = np.flatnonzero(front > 0.5)
     flip = np.array([-1.0, 1.0, 1.0])
     while len(fields) < NUM_SHAPE:
+        parity = -1.0 if (len(fields) - 19) % 3 == 2 else 1.0
         field = np.zeros_like(p)
         for _ in range(2):
             centre = p[:, rng.choice(face_ids)]
             sigma = (rng.uniform(25000.0, 50000.0),) * 3
             vector = rng.normal(0.0, 1.0, 3)
-            one_sided = 0.15 * rng.normal(0.0, 1.0, 3)
-            field += (vector + one_sided)[:, None] * _gauss(p, tuple(centre), sigma)
-            field += (vector * flip)[:, None] * _gauss(p, tuple(centre * flip), sigma)
+            field += vector[:, None] * _gauss(p, tuple(centre), sigma)
+            field += parity * (vector * flip)[:, None] * _gauss(p, tuple(centre * flip), sigma)
         fields.append(field)
     return np.stack(fields)
 
@@ -1003,7 +1008,7 @@ def _expression_basis(
     p = positions.T
     x, y, z = p
     zero = np.zeros_like(x)
-    std = np.array([1.5, 1.5, 1.2, 1.0, 1.2, 1.0, 0.4, 0.35, 1.0, 1.0])
+    std = np.array([1.5, 1.5, 1.2, 1.0, 1.2, 1.0, 0.4, 0.35, 1.0, 0.35])
     one_std = []  # each field is the deformation at one prior std
 
     # jaw_open: the mandible turns about a hinge in front of the ears; the lower lip, chin and
@@ -1064,11 +1069,29 @@ def _expression_basis(
     # cheek_puff: cheeks out.
     puff, puff_odd = _mirror_gauss(p, (45000.0, -35000.0, 75000.0), (15000.0, 15000.0, 30000.0))
     one_std.append(np.stack([6000.0 * puff_odd, zero, 3500.0 * puff + 1500.0 * lips]))
-    # lip_press: lips pressed thin (pulled back and toward the line) and a little wider.
-    one_std.append(np.stack([0.12 * x * lips, -0.35 * (y + 43500.0) * lips, -2500.0 * lips]))
+    # wink_image_right: the mirror image of the wink.
+    right = closing - left
+    right_cheek = _gauss(p, (38000.0, -10000.0, 90000.0), (13000.0, 12000.0, 20000.0))
+    one_std.append((right.T + np.stack([zero, 2000.0 * right_cheek, 1000.0 * right_cheek])) * std[9])
 
     fields = np.stack(one_std)  # (10, 3, N)
     return np.moveaxis(fields / std[:, None, None], 0, -1), std
+
+
+def _vertex_mirror_ids(mean: np.ndarray, expression_basis: np.ndarray) -> np.ndarray:
+    """Each vertex's mirror image (x -> -x) on the symmetric mesh.
+
+    The mean shape stacks the collapsed inner-mouth band onto one line, so the match is made on
+    the mouth opened by ``jaw_open`` (a symmetric mode), where every vertex stands apart.
+    """
+    opened = mean + expression_basis[:, :, EXPRESSION_NAMES.index("jaw_open")]  # (3, N)
+    mirrored = opened * np.array([[-1.0], [1.0], [1.0]])
+    distances = np.einsum("dn,dn->n", opened, opened)[:, None] - 2.0 * opened.T @ mirrored \
+        + np.einsum("dn,dn->n", mirrored, mirrored)[None, :]
+    ids = np.argmin(distances, axis=0)
+    if not np.array_equal(np.sort(ids), np.arange(len(ids))):
+        raise RuntimeError("synthetic head is not left/right symmetric: no vertex mirror found")
+    return ids
 
 
 def build_synthetic_head() -> SyntheticHead:
@@ -1094,6 +1117,7 @@ def build_synthetic_head() -> SyntheticHead:
         expression_basis=expression_basis,
         landmark_indices=landmarks,
         triangles=triangles,
+        mirror_ids=_vertex_mirror_ids(positions.T, expression_basis),
     )
     for name, basis, k in (
         ("shape", shape_basis, NUM_SHAPE), ("expression", expression_basis, NUM_EXPRESSION),

@@ -93,7 +93,8 @@ def _convert(hint: Any, value: Any, source: str, key: str) -> Any:
             return tuple(_convert(args[0], v, source, f"{key}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
             raise ConfigError(f"{source}: '{key}' must hold {len(args)} values, got {len(value)}")
-        return tuple(_convert(a, v, source, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        pairs = enumerate(zip(args, value, strict=True))
+        return tuple(_convert(a, v, source, f"{key}[{i}]") for i, (a, v) in pairs)
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}")

@@ -9,8 +9,9 @@ What differs from the real datasets, by design:
   model with triangles), so the .mat parameters describe the image exactly, with no fitting error;
 - ``pt2d`` (and ``landmarks/*_pts.mat``) hold the projected 3D landmarks: there is no separate
   hand-placed 2D contour;
-- a ``_Flip`` image is the same face rendered with the mirrored pose over the mirrored background
-  (real 300W-LP mirrors the photo), so its .mat is exact too;
+- a ``_Flip`` image is the mirrored face (coefficients mirrored with :mod:`models.mirror`, exact
+  for the synthetic head) rendered with the mirrored pose, light and background: the mirror image
+  of its twin up to rasterisation, with an exact .mat;
 - ``Illum_Para`` holds the light used (direction, ambient, diffuse, specular, shininess, colour),
   ``Color_Para`` the skin and hair colours; ``Tex_Para`` is zero (no texture model).
 """
@@ -31,6 +32,7 @@ import cv2
 import numpy as np
 import scipy.io
 
+from models.mirror import mirror_map
 from models.params import NUM_EXPRESSION, NUM_SHAPE, rotation_from_angles
 from models.synthetic_face import SyntheticHead, build_synthetic_head
 from preprocessing.datasets import SUBSETS_300W_LP
@@ -146,6 +148,7 @@ def mirrored_pose(pose_para: np.ndarray) -> np.ndarray:
 
 def _face_specs_300w_lp(config: SynthConfig, head: SyntheticHead) -> Iterator[FaceSpec]:
     faces = math.ceil(config.n / config.views_per_face)
+    mirror = mirror_map(head.model) if config.flip else None
     written = 0
     for face in range(faces):
         rng = np.random.default_rng([config.seed, face])
@@ -169,11 +172,13 @@ def _face_specs_300w_lp(config: SynthConfig, head: SyntheticHead) -> Iterator[Fa
                 lighting=lighting, skin_bgr=skin, hair_bgr=hair, write_landmark_file=True,
             )
             yield spec
-            if config.flip:
+            if mirror is not None:
                 light = replace(lighting, direction=lighting.direction * np.array([-1.0, 1.0, 1.0]))
+                alphas = mirror.matrix @ np.concatenate([shape, expression]) + mirror.offset
                 yield replace(
                     spec, relative_stem=f"{subset}_Flip/{stem}", pose_para=mirrored_pose(spec.pose_para),
-                    lighting=light, mirror_background=True, write_landmark_file=False,
+                    shape_para=alphas[:NUM_SHAPE], exp_para=alphas[NUM_SHAPE:], lighting=light,
+                    mirror_background=True, write_landmark_file=False,
                 )
 
 
