@@ -10,6 +10,7 @@ import sys
 
 STAGES = {
     "synth": "render a synthetic dataset in the 300W-LP or AFLW2000-3D layout",
+    "preprocess": "300W-LP -> augmented, labelled Parquet shards with Ray Data",
     "info": "parameter and operation counts of a registered network",
     "export": "export a network (and its checkpoint) to ONNX",
     "demo": "the whole pipeline on the embedded default (synthetic data, local Ray and MLflow)",

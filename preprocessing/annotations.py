@@ -74,23 +74,23 @@ def parse_mat(data: bytes, path: str, require_pt3d: bool = False) -> MatAnnotati
             raise MissingFieldError(path, f"field '{key}' is missing")
         value = _numeric(path, key, raw[key]).reshape(-1)
         if value.size < min_size:
-            raise InvalidValueError(path, f"field '{key}' has {value.size} values, expected >= {min_size}")
+            raise _invalid(path, f"field '{key}' has {value.size} values, expected >= {min_size}")
         fields[key] = value
     pose = fields["Pose_Para"][:7]
     if pose[6] == 0:
-        raise InvalidValueError(path, "field 'Pose_Para' has scale 0: every point projects to t")
+        raise _invalid(path, "field 'Pose_Para' has scale 0")
     optional = {}
     for key, rows in (("pt2d", 2), ("pt3d_68", 3)):
         if key in raw:
             value = _numeric(path, key, raw[key])
             if value.ndim != 2 or value.shape[0] != rows:
-                raise InvalidValueError(path, f"field '{key}' has shape {value.shape}, expected ({rows}, K)")
+                raise _invalid(path, f"field '{key}' has shape {value.shape}, expected ({rows}, K)")
             optional[key] = value
     if require_pt3d and "pt3d_68" not in optional:
         raise MissingFieldError(path, "field 'pt3d_68' is missing")
     if "pt3d_68" in optional and optional["pt3d_68"].shape != (3, 68):
         shape = optional["pt3d_68"].shape
-        raise InvalidValueError(path, f"field 'pt3d_68' has shape {shape}, expected (3, 68)")
+        raise _invalid(path, f"field 'pt3d_68' has shape {shape}, expected (3, 68)")
     roi = _numeric(path, "roi", raw["roi"]).reshape(-1)[:4] if "roi" in raw else None
     return MatAnnotation(
         path=path, pose_para=pose, shape_para=fields["Shape_Para"], exp_para=fields["Exp_Para"],
@@ -98,13 +98,18 @@ def parse_mat(data: bytes, path: str, require_pt3d: bool = False) -> MatAnnotati
     )
 
 
+def _invalid(path: str, reason: str) -> InvalidValueError:
+    """A bad value found while reading the file (the quarantine's ``read`` stage)."""
+    return InvalidValueError(path, reason, stage="read")
+
+
 def _numeric(path: str, key: str, value: object) -> np.ndarray:
     array = np.asarray(value)
     if array.dtype.kind not in "iuf":
-        raise InvalidValueError(path, f"field '{key}' is not numeric (dtype {array.dtype})")
+        raise _invalid(path, f"field '{key}' is not numeric (dtype {array.dtype})")
     array = array.astype(np.float64)
     if not np.all(np.isfinite(array)):
-        raise InvalidValueError(path, f"field '{key}' holds NaN or inf")
+        raise _invalid(path, f"field '{key}' holds NaN or inf")
     return array
 
 
@@ -133,6 +138,6 @@ def parse_pts_mat(data: bytes, path: str) -> dict[str, np.ndarray]:
             raise MissingFieldError(path, f"field '{key}' is missing")
         value = _numeric(path, key, raw[key])
         if value.shape != (68, 2):
-            raise InvalidValueError(path, f"field '{key}' has shape {value.shape}, expected (68, 2)")
+            raise _invalid(path, f"field '{key}' has shape {value.shape}, expected (68, 2)")
         out[key] = value.T
     return out

@@ -14,10 +14,12 @@ class DatasetError(ValueError):
 
     stage = "read"
 
-    def __init__(self, path: str, reason: str) -> None:
+    def __init__(self, path: str, reason: str, stage: str | None = None) -> None:
         super().__init__(f"{path}: {reason}")
         self.path = str(path)
         self.reason = reason
+        if stage is not None:
+            self.stage = stage
 
 
 class MissingFileError(DatasetError):

@@ -113,10 +113,7 @@ def crop_affine(box: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
 
 def crop_image(image: np.ndarray, box: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
     """Bilinear crop of ``image`` (H, W, C) uint8 to (size, size, C); outside the image is black."""
-    return cv2.warpAffine(
-        image, crop_affine(box, size), (size, size), flags=cv2.INTER_LINEAR,
-        borderMode=cv2.BORDER_CONSTANT, borderValue=0,
-    )
+    return warp_image(image, box_transform(box, size), size)
 
 
 def nme(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -127,3 +124,33 @@ def nme(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
     norm = np.sqrt(extent[..., 0] * extent[..., 1])
     errors = np.linalg.norm(predicted - truth, axis=-2).mean(axis=-1)
     return errors / norm
+
+
+def box_transform(box: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
+    """2x3 affine ``[M | d]`` taking image coordinates to crop coordinates (both 1-based)."""
+    s_x, s_y = box_scales(box, size)
+    return np.array([[s_x, 0.0, -s_x * box[0]], [0.0, s_y, -s_y * box[1]]])
+
+
+def compose_transforms(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
+    """2x3 affines: ``outer`` applied after ``inner``."""
+    return np.concatenate([outer[:, :2] @ inner[:, :2], outer[:, :2] @ inner[:, 2:] + outer[:, 2:]], axis=1)
+
+
+def apply_transform(transform: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Points (2+, K) through a 2x3 affine; rows past the second are scaled by sqrt|det|."""
+    points = np.asarray(points, dtype=np.float64)
+    out = points.copy()
+    out[:2] = transform[:, :2] @ points[:2] + transform[:, 2:]
+    if len(points) > 2:
+        out[2:] = points[2:] * np.sqrt(abs(np.linalg.det(transform[:, :2])))
+    return out
+
+
+def warp_image(image: np.ndarray, transform: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
+    """Sample a (size, size) crop of ``image`` through a 1-based image -> crop affine (bilinear,
+    black outside). In 0-based array positions ``c' = L c + L 1 + d - 1``."""
+    linear, offset = transform[:, :2], transform[:, 2]
+    matrix = np.concatenate([linear, (linear @ np.ones(2) + offset - 1.0)[:, None]], axis=1)
+    return cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)

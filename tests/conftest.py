@@ -26,3 +26,22 @@ def bfm68():
     from models.morphable import MorphableModel
 
     return MorphableModel.from_bfm68_dir(shared_path("bfm68"))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (2 CPUs, no dashboard), shut down at the end."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synthetic_head():
+    from models.synthetic_face import build_synthetic_head
+
+    return build_synthetic_head()

@@ -1,0 +1,86 @@
+"""300W-LP (jpg + .mat) -> augmented, labelled Parquet shards with Ray Data.
+
+    frnet preprocess --input data/300W_LP --output data/shards --aflw2000 data/AFLW2000
+    python pipeline/preprocess.py --input s3://bucket/300W_LP --output s3://bucket/shards
+    ray submit cluster.yaml pipeline/preprocess.py -- --input s3://... --output s3://...
+
+Runs on the Ray cluster it finds (RAY_ADDRESS, or a running local one), else starts a local one.
+Bad files go to a quarantine table; ``--strict`` stops at the first instead. A killed run,
+started again with the same arguments, finishes the missing shards only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import ray
+
+from pipeline.common import setup_logging, write_json
+from preprocessing.config import ConfigError, from_dict, load_config
+from preprocessing.dataflow import PreprocessConfig
+from preprocessing.datasets import resolve
+from preprocessing.errors import DatasetError
+from preprocessing.ray_preprocess import OutputExistsError, mean_bytes_per_image, run_preprocess
+
+LOG = logging.getLogger("frnet.preprocess")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="frnet preprocess", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", required=True, help="300W-LP folder or URI")
+    parser.add_argument("--output", required=True, help="shard folder or URI")
+    parser.add_argument("--config", type=Path, help="YAML with PreprocessConfig's keys")
+    parser.add_argument("--aflw2000", help="AFLW2000-3D folder or URI: also write evaluation shards")
+    parser.add_argument("--strict", action="store_true", help="fail on the first bad file")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace shards of another config or input in --output")
+    parser.add_argument("--num-cpus", type=int, help="CPUs of a local Ray started here (default: all)")
+    parser.add_argument("--json", type=Path, help="write the run's figures here")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    try:
+        config = load_config(args.config, PreprocessConfig) if args.config else \
+            from_dict(PreprocessConfig, {}, source="defaults")
+    except ConfigError as err:
+        LOG.error("%s", err)
+        return 2
+    if not ray.is_initialized():
+        ray.init(num_cpus=args.num_cpus, logging_level=logging.WARNING, log_to_driver=False,
+                 include_dashboard=False)
+    # One progress line per shard comes from this stage; Ray Data's own bars would interleave.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    try:
+        manifest = run_preprocess(args.input, args.output, config, aflw2000_root=args.aflw2000,
+                                  strict=args.strict, overwrite=args.overwrite)
+    except (DatasetError, OutputExistsError, FileNotFoundError, ValueError) as err:
+        LOG.error("%s", err)
+        return 1
+    except ray.exceptions.RayTaskError as err:  # --strict: the first bad file stops the run
+        cause = err.as_instanceof_cause()
+        LOG.error("%s", cause if isinstance(cause, DatasetError) else err)
+        return 1
+    counts = manifest["counts"]
+    print(f"\n{counts['inputs']} source files: {counts['written']} written, "
+          f"{counts['quarantined']} quarantined; rows: {json.dumps(counts['rows'])}")
+    if "aflw2000" in manifest:
+        aflw = manifest["aflw2000"]["counts"]
+        print(f"AFLW2000-3D: {aflw['inputs']} files: {aflw['written']} written, "
+              f"{aflw['quarantined']} quarantined")
+    print(f"Manifest: {manifest['output']}/manifest.json")
+    figures = {"counts": counts, "bytes_per_image": mean_bytes_per_image(*resolve(args.output)),
+               "image_format": manifest["image_format"]}
+    write_json(args.json, figures)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""300W-LP -> augmented, labelled Parquet shards with Ray Data; AFLW2000-3D -> evaluation shards.
+
+    list files -> read + decode -> 62-d label -> crop (landmark rule + jitter) -> augment
+    -> encode -> Parquet
+
+The sorted file list is cut into shards of ``sources_per_shard`` files. Ray Data runs one task
+per shard (``map_batches`` over the shard list, one shard a batch); inside it the shard's files
+stream through in batches of ``batch_size``, each batch appended as row groups to the shard's
+train / val / quarantine files, which are renamed into place only when complete. A shard whose
+completion record exists (same config) is skipped, so a killed run resumes without duplicates.
+Afterwards the whitening statistics are computed over the training shards with Ray Data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow.fs as pafs
+
+from models.face_models import load_face_model
+from models.mirror import mirror_map
+from models.morphable import MorphableModel
+from models.params import NUM_PARAMS, ParamStats, pose_angles
+from preprocessing.annotations import MatAnnotation
+from preprocessing.augment import AugmentConfig, augment
+from preprocessing.datasets import SampleRef, read_annotation, read_image, resolve
+from preprocessing.errors import DatasetError, InvalidValueError
+from preprocessing.geometry import crop_image, landmark_crop_box
+from preprocessing.labels import canonical_angles, crop_landmarks, image_landmarks, label_from_annotation
+from preprocessing.shards import (
+    QUARANTINE_SCHEMA,
+    AtomicParquetWriter,
+    encode_image,
+    evaluation_schema,
+    training_schema,
+    write_bytes_atomic,
+)
+
+LOG = logging.getLogger(__name__)
+SPLITS = ("train", "val")
+# Landmark spread below this (crop pixels) is no face: a degenerate annotation.
+MIN_LANDMARK_EXTENT_PX = 2.0
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Everything that decides the shards' content (its hash names a run in the manifest)."""
+
+    morphable_model: str = "synthetic"  # see models.face_models
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    image_format: Literal["jpeg", "png", "raw"] = "jpeg"
+    jpeg_quality: int = 95
+    val_fraction: float = 0.1  # of subjects
+    seed: int = 0
+    sources_per_shard: int = 64
+    batch_size: int = 16  # source images decoded together inside a shard task
+    num_cpus_per_task: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        for name in ("sources_per_shard", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+        if self.num_cpus_per_task <= 0:
+            raise ValueError(f"num_cpus_per_task must be > 0, got {self.num_cpus_per_task}")
+
+    def digest(self) -> str:
+        text = json.dumps(asdict(self), sort_keys=True)
+        return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def split_of(subject_id: str, val_fraction: float) -> str:
+    """Deterministic split by subject: a hash of the id, so it never depends on file order."""
+    value = int.from_bytes(hashlib.sha256(subject_id.encode()).digest()[:8], "big") / 2**64
+    return "val" if value < val_fraction else "train"
+
+
+def _check_face(annotation: MatAnnotation, landmarks: np.ndarray) -> None:
+    extent = np.ptp(landmarks[:2], axis=1)
+    if not np.all(np.isfinite(landmarks)) or extent.min() < MIN_LANDMARK_EXTENT_PX:
+        raise InvalidValueError(annotation.path,
+                                f"degenerate landmarks (extent {extent.round(2).tolist()} px)")
+
+
+def _relative(path: str, root: str) -> str:
+    return path[len(root) + 1:] if path.startswith(root + "/") else path
+
+
+@dataclass
+class ShardJob:
+    """One shard's sources and where its files go (plain data, sent to a Ray task)."""
+
+    index: int
+    refs: list[SampleRef]
+    root: str
+    output: str
+    kind: Literal["train", "aflw2000"]
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}-{self.index:05d}"
+
+    def sources_digest(self) -> str:
+        names = "\n".join(ref.mat_path for ref in self.refs)
+        return "sha256:" + hashlib.sha256(names.encode()).hexdigest()[:16]
+
+
+class ShardProcessor:
+    """Turns one shard's source files into its Parquet files. Built once per task."""
+
+    def __init__(self, config: PreprocessConfig, strict: bool) -> None:
+        self.config = config
+        self.strict = strict
+        self.model: MorphableModel = load_face_model(config.morphable_model)
+        needs_mirror = config.augment.geometric.flip_probability > 0
+        self.mirror = mirror_map(self.model) if needs_mirror else None
+
+    def __call__(self, job: ShardJob) -> dict[str, Any]:
+        filesystem, _ = resolve(job.output)
+        _, root = resolve(job.root)
+        name = f"part-{job.index:05d}.parquet"
+        if job.kind == "aflw2000":
+            writers = {"aflw2000": AtomicParquetWriter(
+                filesystem, f"{job.output}/aflw2000/{name}", evaluation_schema(self.config.image_format))}
+        else:
+            schema = training_schema(self.config.image_format)
+            writers = {s: AtomicParquetWriter(filesystem, f"{job.output}/{s}/{name}", schema) for s in SPLITS}
+        folder = "aflw2000-quarantine" if job.kind == "aflw2000" else "quarantine"
+        writers["quarantine"] = AtomicParquetWriter(
+            filesystem, f"{job.output}/{folder}/{name}", QUARANTINE_SCHEMA)
+        summary = {"shard": job.index, "kind": job.kind, "inputs": len(job.refs), "written": 0,
+                   "quarantined": 0, "rows": {}, "by_subset": {}}
+        try:
+            for start in range(0, len(job.refs), self.config.batch_size):
+                batch = job.refs[start:start + self.config.batch_size]
+                self._process_batch(filesystem, root, job, batch, writers, summary)
+        except BaseException:
+            for writer in writers.values():
+                writer.abort()
+            raise
+        for key, writer in writers.items():
+            writer.close()
+            if key != "quarantine":
+                summary["rows"][key] = writer.rows
+        return summary
+
+    def _process_batch(self, filesystem, root, job, batch, writers, summary) -> None:
+        rows: dict[str, list[dict]] = {key: [] for key in writers}
+        for ref in batch:
+            source = _relative(ref.mat_path, root)
+            try:
+                produced = self._rows_of(filesystem, ref, source, job.kind)
+            except DatasetError as err:
+                if self.strict:
+                    raise
+                rows["quarantine"].append({"file": _relative(err.path, root), "stage": err.stage,
+                                           "reason": err.reason})
+                summary["quarantined"] += 1
+                continue
+            for key, row in produced:
+                rows[key].append(row)
+            summary["written"] += 1
+            subset = summary["by_subset"].setdefault(ref.subset + ("_Flip" if ref.flipped else ""), 0)
+            summary["by_subset"][ref.subset + ("_Flip" if ref.flipped else "")] = subset + 1
+        for key, key_rows in rows.items():
+            writers[key].write_rows(key_rows)
+
+    def _rows_of(self, filesystem, ref: SampleRef, source: str, kind: str) -> list[tuple[str, dict]]:
+        annotation = read_annotation(filesystem, ref)
+        image = read_image(filesystem, ref)
+        truth = image_landmarks(self.model, annotation, image.shape[0])
+        _check_face(annotation, truth)
+        stem = source.rsplit(".", 1)[0]
+        base = {"source_file": source, "subset": ref.subset, "subject_id": ref.subject_id}
+        if kind == "aflw2000":
+            return [("aflw2000", self._evaluation_row(image, annotation, stem, base))]
+        box = landmark_crop_box(truth)
+        # Each source's own stream, so its crops never depend on which shard or task ran it.
+        source_key = int.from_bytes(hashlib.sha256(stem.encode()).digest()[:4], "big")
+        rng = np.random.default_rng([self.config.seed, source_key])
+        split = split_of(ref.subject_id, self.config.val_fraction)
+        out = []
+        for crop in augment(image, annotation, box, self.config.augment, rng, self.mirror):
+            out.append((split, self._row(crop.image, crop.label, f"{stem}#{crop.index}", base,
+                                          augmentation_index=crop.index, flipped=crop.flipped)))
+        return out
+
+    def _row(self, image: np.ndarray, label: np.ndarray, row_id: str, base: dict, **extra) -> dict:
+        if not np.all(np.isfinite(label)):
+            raise InvalidValueError(base["source_file"], "label holds NaN or inf")
+        pitch, yaw, roll = pose_angles(label)
+        return {
+            "id": row_id, **base, **extra,
+            "image": encode_image(image, self.config.image_format, self.config.jpeg_quality),
+            "label": label.astype(np.float32),
+            "landmarks": crop_landmarks(self.model, label).astype(np.float32),
+            "pitch": pitch, "yaw": yaw, "roll": roll,
+        }
+
+    def _evaluation_row(self, image: np.ndarray, annotation: MatAnnotation, stem: str, base: dict) -> dict:
+        if annotation.pt3d_68 is None:
+            raise InvalidValueError(annotation.path, "field 'pt3d_68' is missing")
+        box = landmark_crop_box(annotation.pt3d_68)  # the benchmark's ROI rule
+        label = label_from_annotation(annotation, box, image.shape[0])
+        yaw = abs(np.rad2deg(canonical_angles(annotation.pose_para)[1]))
+        pt2d = annotation.pt2d if annotation.pt2d is not None and annotation.pt2d.shape == (2, 21) \
+            else np.full((2, 21), -1.0)
+        return self._row(crop_image(image, box), label, stem, base, augmentation_index=0, flipped=False) | {
+            "roi_box": box, "pt3d_68": annotation.pt3d_68, "pt2d": pt2d,
+            "yaw_bin": int(min(np.searchsorted([30.0, 60.0], yaw, side="left"), 2)),
+        }
+
+
+def shard_jobs(refs: list[SampleRef], root: str, output: str, per_shard: int, kind: str) -> list[ShardJob]:
+    return [ShardJob(index=k, refs=refs[start:start + per_shard], root=root, output=output, kind=kind)
+            for k, start in enumerate(range(0, len(refs), per_shard))]
+
+
+def combine_stats(partials: list[dict]) -> ParamStats:
+    """Merge per-batch (count, mean, M2) of the 62-d label (Chan et al.'s parallel variance)."""
+    count, mean, m2 = 0, np.zeros(NUM_PARAMS), np.zeros(NUM_PARAMS)
+    for part in partials:
+        n_b, mean_b, m2_b = part["count"], np.asarray(part["mean"]), np.asarray(part["m2"])
+        if n_b == 0:
+            continue
+        delta = mean_b - mean
+        total = count + n_b
+        mean = mean + delta * n_b / total
+        m2 = m2 + m2_b + delta**2 * count * n_b / total
+        count = total
+    if count == 0:
+        raise ValueError("no training rows to compute whitening statistics from")
+    return ParamStats(mean, np.maximum(np.sqrt(m2 / count), 1e-8))
+
+
+def label_moments(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One batch's (count, mean, M2) of the label column, for :func:`combine_stats`."""
+    labels = np.stack(batch["label"]).astype(np.float64).reshape(-1, NUM_PARAMS)
+    mean = labels.mean(axis=0) if len(labels) else np.zeros(NUM_PARAMS)
+    m2 = ((labels - mean) ** 2).sum(axis=0)
+    return {"count": np.array([len(labels)]), "mean": mean[None], "m2": m2[None]}
+
+
+def config_from_manifest(filesystem: pafs.FileSystem, output: str) -> dict | None:
+    info = filesystem.get_file_info(f"{output}/manifest.json")
+    if info.type != pafs.FileType.File:
+        return None
+    with filesystem.open_input_stream(f"{output}/manifest.json") as stream:
+        return json.loads(stream.read())
+
+
+def write_json(filesystem: pafs.FileSystem, path: str, data: dict) -> None:
+    write_bytes_atomic(filesystem, path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+class ShardTask:
+    """The Ray Data callable: one batch holds shard indices; each is processed in full."""
+
+    def __init__(self, jobs: dict[str, ShardJob], config: PreprocessConfig, strict: bool) -> None:
+        self.jobs = jobs
+        self.processor = ShardProcessor(config, strict)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
+        summaries = []
+        for key in batch["key"]:
+            job = self.jobs[str(key)]
+            summary = self.processor(job)
+            record = {**summary, "config_digest": self.processor.config.digest(),
+                      "sources_digest": job.sources_digest()}
+            filesystem, _ = resolve(job.output)
+            write_json(filesystem, f"{job.output}/_shards/{job.key}.json", record)
+            summaries.append(json.dumps(record))
+        return {"summary": summaries}
+
+
+def finished_record(filesystem: pafs.FileSystem, job: ShardJob, config_digest: str) -> dict | None:
+    """The completion record of a shard written by this config from these sources, else None."""
+    path = f"{job.output}/_shards/{job.key}.json"
+    if filesystem.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with filesystem.open_input_stream(path) as stream:
+        record = json.loads(stream.read())
+    same_config = record.get("config_digest") == config_digest
+    return record if same_config and record.get("sources_digest") == job.sources_digest() else None

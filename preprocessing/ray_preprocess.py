@@ -1,0 +1,200 @@
+"""The preprocessing run on a Ray cluster (local or remote): shard tasks, statistics, manifest.
+
+See :mod:`preprocessing.dataflow` for the dataflow; this module schedules it with Ray Data,
+resumes finished shards, computes the whitening statistics over the training shards with Ray
+Data, and writes ``manifest.json`` whose counts reconcile: inputs = written + quarantined.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import time
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+
+from models.face_models import load_face_model
+from models.mirror import mirror_map
+from preprocessing.dataflow import (
+    SPLITS,
+    PreprocessConfig,
+    ShardJob,
+    ShardTask,
+    combine_stats,
+    config_from_manifest,
+    finished_record,
+    label_moments,
+    shard_jobs,
+    write_json,
+)
+from preprocessing.datasets import list_300w_lp, list_aflw2000, resolve
+
+LOG = logging.getLogger(__name__)
+OUTPUT_FOLDERS = ("train", "val", "quarantine", "aflw2000", "aflw2000-quarantine", "_shards")
+STATS_BATCH_ROWS = 4096
+
+
+class OutputExistsError(RuntimeError):
+    """The output folder holds shards of another config or input set."""
+
+
+def code_version() -> str:
+    """The package version, plus the git commit when run from a checkout."""
+    version = metadata.version("mobile-frnet")
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return version
+    return f"{version}+g{commit}"
+
+
+def _prepare_output(filesystem: pafs.FileSystem, output: str, config: PreprocessConfig, input_root: str,
+                    overwrite: bool) -> None:
+    previous = config_from_manifest(filesystem, output)
+    if previous is not None:
+        same = previous.get("config_digest") == config.digest() and previous.get("input") == input_root
+        if not same and not overwrite:
+            raise OutputExistsError(
+                f"{output} holds shards of another config or input ({previous.get('config_digest')}, "
+                f"{previous.get('input')}); pass --overwrite to replace them or choose another --output")
+    if overwrite:
+        for folder in (*OUTPUT_FOLDERS, "manifest.json"):
+            info = filesystem.get_file_info(f"{output}/{folder}")
+            if info.type == pafs.FileType.Directory:
+                filesystem.delete_dir(info.path)
+            elif info.type == pafs.FileType.File:
+                filesystem.delete_file(info.path)
+    filesystem.create_dir(output, recursive=True)
+
+
+def _run_jobs(jobs: list[ShardJob], config: PreprocessConfig, strict: bool, filesystem: pafs.FileSystem,
+              workers: int) -> list[dict]:
+    digest = config.digest()
+    records, pending = [], []
+    for job in jobs:
+        record = finished_record(filesystem, job, digest)
+        (records if record else pending).append(record or job)
+    if records:
+        LOG.info("%d of %d shards already complete; skipping them", len(records), len(jobs))
+    if not pending:
+        return records
+    size = max(1, min(workers, len(pending)))
+    dataset = ray.data.from_items([{"key": job.key} for job in pending], override_num_blocks=len(pending))
+    dataset = dataset.map_batches(
+        ShardTask, fn_constructor_args=({job.key: job for job in pending}, config, strict), batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=size), num_cpus=config.num_cpus_per_task,
+    )
+    started = time.perf_counter()
+    for done, row in enumerate(dataset.iter_rows(), start=1):
+        record = json.loads(row["summary"])
+        records.append(record)
+        elapsed = time.perf_counter() - started
+        LOG.info("shard %s-%05d done (%d/%d, %.1f s): %d written, %d quarantined", record["kind"],
+                 record["shard"], done, len(pending), elapsed, record["written"], record["quarantined"])
+    return records
+
+
+def _whitening_stats(filesystem: pafs.FileSystem, output: str, records: list[dict]) -> Any:
+    paths = [f"{output}/train/part-{r['shard']:05d}.parquet" for r in records
+             if r["kind"] == "train" and r["rows"].get("train", 0) > 0]
+    dataset = ray.data.read_parquet(paths, filesystem=filesystem).select_columns(["label"])
+    moments = dataset.map_batches(label_moments, batch_size=STATS_BATCH_ROWS, batch_format="numpy")
+    partials = moments.take_all()
+    return combine_stats(partials)
+
+
+def _quarantine_rows(
+    filesystem: pafs.FileSystem, output: str, folder: str, records: list[dict]
+) -> list[dict]:
+    rows = []
+    for record in sorted(records, key=lambda r: r["shard"]):
+        if record["quarantined"]:
+            path = f"{output}/{folder}/part-{record['shard']:05d}.parquet"
+            rows += pq.read_table(path, filesystem=filesystem).to_pylist()
+    return rows
+
+
+def _counts(records: list[dict]) -> dict[str, Any]:
+    counts: dict[str, Any] = {"inputs": 0, "written": 0, "quarantined": 0, "rows": {}, "by_subset": {}}
+    for record in records:
+        for key in ("inputs", "written", "quarantined"):
+            counts[key] += record[key]
+        for key, value in record["rows"].items():
+            counts["rows"][key] = counts["rows"].get(key, 0) + value
+        for key, value in record["by_subset"].items():
+            counts["by_subset"][key] = counts["by_subset"].get(key, 0) + value
+    return counts
+
+
+def run_preprocess(
+    input_root: str, output: str, config: PreprocessConfig, aflw2000_root: str | None = None,
+    strict: bool = False, overwrite: bool = False, workers: int | None = None,
+) -> dict[str, Any]:
+    """Preprocess a 300W-LP tree (and an AFLW2000-3D folder) into shards; returns the manifest."""
+    filesystem, out_path = resolve(output)
+    _, in_path = resolve(input_root)
+    load_face_model(config.morphable_model)  # fail fast on a bad model source, before Ray starts
+    _prepare_output(filesystem, out_path, config, in_path, overwrite)
+    _, refs = list_300w_lp(input_root)
+    jobs = shard_jobs(refs, in_path, out_path, config.sources_per_shard, "train")
+    eval_refs: list = []
+    if aflw2000_root:
+        _, eval_root = resolve(aflw2000_root)
+        _, eval_refs = list_aflw2000(aflw2000_root)
+        jobs += shard_jobs(eval_refs, eval_root, out_path, config.sources_per_shard, "aflw2000")
+    if workers is None:
+        workers = max(1, int(ray.cluster_resources().get("CPU", 1) // config.num_cpus_per_task))
+    LOG.info("%d source files (+%d AFLW2000-3D) in %d shards, %d workers", len(refs), len(eval_refs),
+             len(jobs), workers)
+    records = _run_jobs(jobs, config, strict, filesystem, workers)
+    train_records = [r for r in records if r["kind"] == "train"]
+    eval_records = [r for r in records if r["kind"] == "aflw2000"]
+    counts = _counts(train_records)
+    stats = _whitening_stats(filesystem, out_path, train_records)
+    model = load_face_model(config.morphable_model)
+    mirror_residual = mirror_map(model).residual if config.augment.geometric.flip_probability > 0 else None
+    manifest = {
+        "input": in_path,
+        "output": out_path,
+        "counts": counts,
+        "quarantine": _quarantine_rows(filesystem, out_path, "quarantine", train_records),
+        "splits": {s: sorted(f"{s}/part-{r['shard']:05d}.parquet" for r in train_records) for s in SPLITS},
+        "whitening": stats.to_dict() | {"identity": stats.identity},
+        "morphable_model": {"source": config.morphable_model, "identity": model.identity,
+                            "flip_mirror_residual": mirror_residual},
+        "image_format": config.image_format,
+        "config": asdict(config),
+        "config_digest": config.digest(),
+        "code_version": code_version(),
+    }
+    if aflw2000_root:
+        manifest["aflw2000"] = {
+            "input": resolve(aflw2000_root)[1],
+            "counts": _counts(eval_records),
+            "quarantine": _quarantine_rows(filesystem, out_path, "aflw2000-quarantine", eval_records),
+            "shards": sorted(f"aflw2000/part-{r['shard']:05d}.parquet" for r in eval_records),
+        }
+    if counts["inputs"] != counts["written"] + counts["quarantined"]:
+        raise AssertionError(f"counts do not reconcile: {counts}")
+    write_json(filesystem, f"{out_path}/manifest.json", manifest)
+    return manifest
+
+
+def mean_bytes_per_image(filesystem: pafs.FileSystem, output: str, split: str = "train") -> float:
+    """Average stored size of one image in a split's shards (encoded bytes)."""
+    sizes = []
+    selector = pafs.FileSelector(f"{output}/{split}", recursive=False)
+    for info in filesystem.get_file_info(selector):
+        if info.path.endswith(".parquet"):
+            column = pq.read_table(info.path, filesystem=filesystem, columns=["image"]).column("image")
+            sizes += [len(v) for v in column.to_pylist()]
+    return float(np.mean(sizes)) if sizes else float("nan")

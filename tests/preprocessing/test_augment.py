@@ -1,0 +1,101 @@
+"""Every geometric augmentation moves the label with the image; photometric ones leave it."""
+
+import numpy as np
+import pytest
+
+from models.mirror import mirror_map
+from preprocessing.augment import (
+    AugmentConfig,
+    GeometricConfig,
+    PhotometricConfig,
+    augment,
+    expected_crop_landmarks,
+)
+from preprocessing.datasets import list_300w_lp, read_annotation, read_image
+from preprocessing.geometry import landmark_crop_box
+from preprocessing.labels import crop_landmarks, image_landmarks
+from preprocessing.synth import SynthConfig, generate
+
+NO_PHOTOMETRIC = PhotometricConfig(brightness=0, contrast=0, colour=0, blur_probability=0,
+                                   noise_probability=0, occlusion_probability=0)
+ONLY = {
+    "scale": GeometricConfig(scale_jitter=0.3, shift_jitter=0, rotation_deg=0, flip_probability=0),
+    "shift": GeometricConfig(scale_jitter=0, shift_jitter=0.3, rotation_deg=0, flip_probability=0),
+    "rotation": GeometricConfig(scale_jitter=0, shift_jitter=0, rotation_deg=45, flip_probability=0),
+    "flip": GeometricConfig(scale_jitter=0, shift_jitter=0, rotation_deg=0, flip_probability=1.0),
+    "all": GeometricConfig(scale_jitter=0.2, shift_jitter=0.2, rotation_deg=30, flip_probability=0.5),
+}
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory, synthetic_head):
+    root = tmp_path_factory.mktemp("300W_LP")
+    generate(SynthConfig("300w-lp", n=6, seed=11, views_per_face=3), root)
+    filesystem, refs = list_300w_lp(root)
+    out = []
+    for ref in refs:
+        annotation, image = read_annotation(filesystem, ref), read_image(filesystem, ref)
+        out.append((image, annotation, image_landmarks(synthetic_head.model, annotation, image.shape[0])))
+    return out
+
+
+@pytest.mark.parametrize("kind", list(ONLY))
+def test_label_follows_each_geometric_augmentation(faces, synthetic_head, kind):
+    config = AugmentConfig(copies=5, keep_original=False, geometric=ONLY[kind],
+                           photometric=NO_PHOTOMETRIC)
+    mirror = mirror_map(synthetic_head.model)
+    rng = np.random.default_rng(3)
+    worst = 0.0
+    for image, annotation, truth in faces:
+        for crop in augment(image, annotation, landmark_crop_box(truth), config, rng, mirror):
+            predicted = crop_landmarks(synthetic_head.model, crop.label)
+            worst = max(worst, np.abs(predicted[:2] - expected_crop_landmarks(truth, crop)[:2]).max())
+            if kind == "flip":
+                assert crop.flipped
+    assert worst <= 0.5
+    assert worst < 1e-6  # the synthetic head makes every transform exact
+
+
+def test_augmented_pixels_match_the_label(faces, synthetic_head):
+    """The crop really moves: the transformed image equals a plain crop pushed through the same
+    transform (checked on the flip, which must mirror the plain crop pixel for pixel)."""
+    image, annotation, truth = faces[0]
+    box = landmark_crop_box(truth)
+    mirror = mirror_map(synthetic_head.model)
+    plain = augment(image, annotation, box, AugmentConfig(copies=1), np.random.default_rng(0), mirror)[0]
+    config = AugmentConfig(copies=1, keep_original=False, geometric=ONLY["flip"], photometric=NO_PHOTOMETRIC)
+    flipped = augment(image, annotation, box, config, np.random.default_rng(0), mirror)[0]
+    np.testing.assert_array_equal(flipped.image, plain.image[:, ::-1])
+
+
+def test_photometric_changes_pixels_only(faces, synthetic_head):
+    image, annotation, truth = faces[1]
+    box = landmark_crop_box(truth)
+    geometric = GeometricConfig(scale_jitter=0, shift_jitter=0, rotation_deg=0, flip_probability=0)
+    strong = PhotometricConfig(blur_probability=1, noise_probability=1, occlusion_probability=1)
+    config = AugmentConfig(copies=3, keep_original=True, geometric=geometric, photometric=strong)
+    crops = augment(image, annotation, box, config, np.random.default_rng(5), None)
+    for crop in crops[1:]:
+        np.testing.assert_allclose(crop.label, crops[0].label, atol=1e-9)
+        assert np.abs(crop.image.astype(int) - crops[0].image).mean() > 2.0
+
+
+def test_same_generator_same_crops_and_flip_needs_a_mirror(faces):
+    image, annotation, truth = faces[2]
+    box = landmark_crop_box(truth)
+    config = AugmentConfig(copies=3, geometric=GeometricConfig(flip_probability=0))
+    first = augment(image, annotation, box, config, np.random.default_rng(9), None)
+    second = augment(image, annotation, box, config, np.random.default_rng(9), None)
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_array_equal(a.image, b.image)
+    with pytest.raises(ValueError, match="flip_probability > 0 needs the morphable model's mirror map"):
+        augment(image, annotation, box, AugmentConfig(), np.random.default_rng(0), None)
+
+
+def test_config_ranges_are_checked():
+    with pytest.raises(ValueError, match="scale_jitter must be in"):
+        GeometricConfig(scale_jitter=1.5)
+    with pytest.raises(ValueError, match="blur_probability must be a probability"):
+        PhotometricConfig(blur_probability=2.0)
+    with pytest.raises(ValueError, match="copies must be >= 1, got 0"):
+        AugmentConfig(copies=0)
