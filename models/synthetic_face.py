@@ -1086,9 +1086,7 @@ def _vertex_mirror_ids(mean: np.ndarray, expression_basis: np.ndarray) -> np.nda
     """
     opened = mean + expression_basis[:, :, EXPRESSION_NAMES.index("jaw_open")]  # (3, N)
     mirrored = opened * np.array([[-1.0], [1.0], [1.0]])
-    distances = np.einsum("dn,dn->n", opened, opened)[:, None] - 2.0 * opened.T @ mirrored \
-        + np.einsum("dn,dn->n", mirrored, mirrored)[None, :]
-    ids = np.argmin(distances, axis=0)
+    _, ids = cKDTree(opened.T).query(mirrored.T)
     if not np.array_equal(np.sort(ids), np.arange(len(ids))):
         raise RuntimeError("synthetic head is not left/right symmetric: no vertex mirror found")
     return ids

@@ -8,7 +8,8 @@ per shard (``map_batches`` over the shard list, one shard a batch); inside it th
 stream through in batches of ``batch_size``, each batch appended as row groups to the shard's
 train / val / quarantine files, which are renamed into place only when complete. A shard whose
 completion record exists (same config) is skipped, so a killed run resumes without duplicates.
-Afterwards the whitening statistics are computed over the training shards with Ray Data.
+Each task also returns the (count, mean, M2) moments of the labels it wrote to its training
+shard (as stored, float32); the driver merges them into the whitening statistics.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+import cv2
 import numpy as np
 import pyarrow.fs as pafs
 
@@ -57,7 +60,7 @@ class PreprocessConfig:
     jpeg_quality: int = 95
     val_fraction: float = 0.1  # of subjects
     seed: int = 0
-    sources_per_shard: int = 64
+    sources_per_shard: int = 128
     batch_size: int = 16  # source images decoded together inside a shard task
     num_cpus_per_task: float = 1.0
 
@@ -138,10 +141,11 @@ class ShardProcessor:
             filesystem, f"{job.output}/{folder}/{name}", QUARANTINE_SCHEMA)
         summary = {"shard": job.index, "kind": job.kind, "inputs": len(job.refs), "written": 0,
                    "quarantined": 0, "rows": {}, "by_subset": {}}
+        train_labels: list[np.ndarray] = []
         try:
             for start in range(0, len(job.refs), self.config.batch_size):
                 batch = job.refs[start:start + self.config.batch_size]
-                self._process_batch(filesystem, root, job, batch, writers, summary)
+                self._process_batch(filesystem, root, job, batch, writers, summary, train_labels)
         except BaseException:
             for writer in writers.values():
                 writer.abort()
@@ -150,9 +154,12 @@ class ShardProcessor:
             writer.close()
             if key != "quarantine":
                 summary["rows"][key] = writer.rows
+        moments = label_moments({"label": np.array(train_labels, dtype=np.float32).reshape(-1, NUM_PARAMS)})
+        summary["moments"] = {key: value[0].tolist() if key != "count" else int(value[0])
+                              for key, value in moments.items()}
         return summary
 
-    def _process_batch(self, filesystem, root, job, batch, writers, summary) -> None:
+    def _process_batch(self, filesystem, root, job, batch, writers, summary, train_labels) -> None:
         rows: dict[str, list[dict]] = {key: [] for key in writers}
         for ref in batch:
             source = _relative(ref.mat_path, root)
@@ -172,6 +179,7 @@ class ShardProcessor:
             summary["by_subset"][ref.subset + ("_Flip" if ref.flipped else "")] = subset + 1
         for key, key_rows in rows.items():
             writers[key].write_rows(key_rows)
+        train_labels += [row["label"] for row in rows.get("train", [])]
 
     def _rows_of(self, filesystem, ref: SampleRef, source: str, kind: str) -> list[tuple[str, dict]]:
         annotation = read_annotation(filesystem, ref)
@@ -242,8 +250,9 @@ def combine_stats(partials: list[dict]) -> ParamStats:
 
 
 def label_moments(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """One batch's (count, mean, M2) of the label column, for :func:`combine_stats`."""
-    labels = np.stack(batch["label"]).astype(np.float64).reshape(-1, NUM_PARAMS)
+    """One batch's (count, mean, M2) of the label column, for :func:`combine_stats`; each as a
+    one-row column (the shape of a Ray Data batch)."""
+    labels = np.array(batch["label"], dtype=np.float64).reshape(-1, NUM_PARAMS)
     mean = labels.mean(axis=0) if len(labels) else np.zeros(NUM_PARAMS)
     m2 = ((labels - mean) ** 2).sum(axis=0)
     return {"count": np.array([len(labels)]), "mean": mean[None], "m2": m2[None]}
@@ -265,6 +274,9 @@ class ShardTask:
     """The Ray Data callable: one batch holds shard indices; each is processed in full."""
 
     def __init__(self, jobs: dict[str, ShardJob], config: PreprocessConfig, strict: bool) -> None:
+        # This actor process is one of the pool's workers: the pool is the parallelism, so
+        # OpenCV's own thread pool would only oversubscribe the cores Ray gave the actor.
+        cv2.setNumThreads(max(1, int(config.num_cpus_per_task)))
         self.jobs = jobs
         self.processor = ShardProcessor(config, strict)
 
@@ -272,7 +284,9 @@ class ShardTask:
         summaries = []
         for key in batch["key"]:
             job = self.jobs[str(key)]
+            started = time.time()
             summary = self.processor(job)
+            summary["started_at"], summary["finished_at"] = started, time.time()
             record = {**summary, "config_digest": self.processor.config.digest(),
                       "sources_digest": job.sources_digest()}
             filesystem, _ = resolve(job.output)

@@ -1,8 +1,8 @@
 """The preprocessing run on a Ray cluster (local or remote): shard tasks, statistics, manifest.
 
 See :mod:`preprocessing.dataflow` for the dataflow; this module schedules it with Ray Data,
-resumes finished shards, computes the whitening statistics over the training shards with Ray
-Data, and writes ``manifest.json`` whose counts reconcile: inputs = written + quarantined.
+resumes finished shards, merges the label moments the shard tasks computed into the whitening
+statistics, and writes ``manifest.json`` whose counts reconcile: inputs = written + quarantined.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from preprocessing.dataflow import (
     combine_stats,
     config_from_manifest,
     finished_record,
-    label_moments,
     shard_jobs,
     write_json,
 )
@@ -39,7 +38,6 @@ from preprocessing.datasets import list_300w_lp, list_aflw2000, resolve
 
 LOG = logging.getLogger(__name__)
 OUTPUT_FOLDERS = ("train", "val", "quarantine", "aflw2000", "aflw2000-quarantine", "_shards")
-STATS_BATCH_ROWS = 4096
 
 
 class OutputExistsError(RuntimeError):
@@ -103,15 +101,6 @@ def _run_jobs(jobs: list[ShardJob], config: PreprocessConfig, strict: bool, file
     return records
 
 
-def _whitening_stats(filesystem: pafs.FileSystem, output: str, records: list[dict]) -> Any:
-    paths = [f"{output}/train/part-{r['shard']:05d}.parquet" for r in records
-             if r["kind"] == "train" and r["rows"].get("train", 0) > 0]
-    dataset = ray.data.read_parquet(paths, filesystem=filesystem).select_columns(["label"])
-    moments = dataset.map_batches(label_moments, batch_size=STATS_BATCH_ROWS, batch_format="numpy")
-    partials = moments.take_all()
-    return combine_stats(partials)
-
-
 def _quarantine_rows(
     filesystem: pafs.FileSystem, output: str, folder: str, records: list[dict]
 ) -> list[dict]:
@@ -159,7 +148,7 @@ def run_preprocess(
     train_records = [r for r in records if r["kind"] == "train"]
     eval_records = [r for r in records if r["kind"] == "aflw2000"]
     counts = _counts(train_records)
-    stats = _whitening_stats(filesystem, out_path, train_records)
+    stats = combine_stats([r["moments"] for r in train_records])
     model = load_face_model(config.morphable_model)
     mirror_residual = mirror_map(model).residual if config.augment.geometric.flip_probability > 0 else None
     manifest = {

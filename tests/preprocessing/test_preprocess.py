@@ -3,6 +3,7 @@ statistics, and a run killed half way then resumed."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -176,12 +177,15 @@ def test_a_killed_run_resumes_without_duplicates(folders, tmp_path):
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+    # A shard task already running in a Ray worker may still finish on its own.
+    time.sleep(3)
     done_before = len(list((output / "_shards").glob("*.json")))
     assert 2 <= done_before < 12, "the run was not interrupted half way"
     assert not (output / "manifest.json").exists()
     result = frnet("preprocess", *args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert f"{done_before} of 12 shards already complete" in result.stderr
+    skipped = re.search(r"(\d+) of 12 shards already complete", result.stderr)
+    assert skipped and done_before <= int(skipped.group(1)) < 12
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["counts"]["inputs"] == manifest["counts"]["written"] == 24
     rows = read_split(output, "train") + read_split(output, "val")
