@@ -14,18 +14,34 @@ Mobile-FRNet changes two things (the "MobileBlock" and the Layer attention):
 Choices the paper leaves open, and why they were made so:
 
 * **Multi-scale form** -- a Res2Net-style hierarchical split of the depthwise stage into
-  ``scales = 4`` equal channel groups (Res2Net's default): ``y_1 = K_1(x_1)``,
-  ``y_i = K_i(x_i + y_(i-1))``, concatenated and fed to the block's 1x1 projection (which plays
-  Res2Net's closing 1x1). Each ``K_i`` is a 3x3 depthwise conv + BN + ReLU6, so group i sees a
-  (2i+1)x(2i+1) window. Unlike Res2Net, the first group is convolved too (``K_1``, not an
-  identity): the depthwise conv is the block's only spatial operator, and an identity group
-  would leave a quarter of the channels with no spatial context at all; with ``K_1`` the block
-  keeps the plain block's 3x3 view for every channel and only *adds* larger ones. It also keeps
-  the parameter count of the plain block, where an identity group would remove a quarter of the
-  depthwise weights -- the paper's no-attention net is larger than MobileNetV2, not smaller.
-  Blocks with stride 2 cannot add a strided ``y_(i-1)`` to an unstrided ``x_i``; there, as in
-  Res2Net's first block of a stage, the groups are convolved independently, which is exactly
-  a plain 3x3 depthwise conv, so those blocks use one (4 of the 17 blocks).
+  ``s`` equal channel groups: ``y_1 = K_1(x_1)``, ``y_i = K_i(x_i + y_(i-1))``, concatenated
+  and fed to the block's 1x1 projection (which plays Res2Net's closing 1x1). Each ``K_i`` is a
+  3x3 depthwise conv + BN + ReLU6, so group i sees a (2i+1)x(2i+1) window. Unlike Res2Net, the
+  first group is convolved too (``K_1``, not an identity): the depthwise conv is the block's
+  only spatial operator, and an identity group would leave those channels with no spatial
+  context at all; with ``K_1`` the block keeps the plain block's 3x3 view for every channel and
+  only *adds* larger ones. It also keeps the parameter count of the plain block, where an
+  identity group would remove depthwise weights -- the paper's no-attention net is larger than
+  MobileNetV2, not smaller. Blocks with stride 2 cannot add a strided ``y_(i-1)`` to an
+  unstrided ``x_i``; there, as in Res2Net's first block of a stage, the groups are convolved
+  independently, which is exactly a plain 3x3 depthwise conv, so those blocks use one (4 of
+  the 17 blocks).
+* **How many scales** -- ``s = 2`` (3x3 and 5x5 views), and 3 on the one block with 144
+  expanded channels, where halves of 72 would not be whole 16-channel blocks
+  (:func:`multi_scale_groups`). The paper gives no s; Res2Net's default is 4. Every extra
+  scale is three more sequential operations per block (a 1x1 conv, an addition, a depthwise
+  conv), and at batch 1 on a CPU these cost far more than their arithmetic: in single-thread
+  onnxruntime s >= 3 made the whole network 1.12x and s >= 4 1.22x as slow as s = 2 (figures
+  below). The group widths are kept whole multiples of 16 channels because onnxruntime's CPU
+  convolutions run in a blocked layout of 16 channels (AVX-512; 8 with AVX2): a group that is
+  not whole blocks falls back to plain NCHW kernels with a layout conversion on each side.
+* **How the split is computed** -- each group ``x_i`` comes from its own 1x1 expansion conv +
+  BN + ReLU6 (:class:`SplitConvBNReLU6`): these are the rows of the block's one expansion conv
+  and the channels of its BN, so the function and the parameters are those of one expansion
+  followed by a channel split. On the first block (t = 1, no expansion) the stem conv is split
+  the same way and hands the block its two halves. Split and Slice have no blocked-layout
+  kernel in onnxruntime; the previous form (one expansion conv, then ``torch.split``) put two
+  layout conversions and an unblocked addition around every block.
 * **Where SGE sits** -- on the block's output, after the projection's BN and before the residual
   addition, as in the SGE paper's ResNets ("after the last BatchNorm of each bottleneck"). There
   it runs on the narrow output channels (16-320) rather than the 6x wider expanded ones.
@@ -36,6 +52,14 @@ Choices the paper leaves open, and why they were made so:
   positions is an instance norm whose affine weight and bias are SGE's gamma (init 0) and beta
   (init 1): the same formula as SGE (biased variance, eps inside the root; gamma absorbs the
   difference from SGE's unbiased std), and a single ONNX ``InstanceNormalization`` node.
+* **How SGE is computed** -- with 4-D tensors only: the mean feature by a mean over positions,
+  the per-group sum of ``g * x`` by a grouped 1x1 conv with a constant all-ones kernel, and a
+  group's gate copied to its channels by an index gather. The earlier 5-D view of the groups
+  made the exporter spell out the dynamic batch size as Shape/Slice/Concat/Reshape arithmetic
+  (about 190 of its 645 onnxruntime nodes) and forced layout conversions; the grouped all-ones
+  conv is counted by the flop counter (C*H*W multiply-adds per block, 0.17 M in all) where the
+  equivalent elementwise sums were not. The instance norm has no blocked-layout kernel, so each
+  SGE still runs between two layout conversions: about 10 onnxruntime nodes per block.
 * **Where SE sits** -- on each Layer's output, after the last block's residual addition: the
   paper says "after every Layer", so one SE per table row, 7 in all.
 * **SE reduction** -- ``r = 1`` (no squeeze bottleneck). The 7 Layer outputs have sum c^2 =
@@ -43,12 +67,22 @@ Choices the paper leaves open, and why they were made so:
   (2.60 M - 2.40 M = 0.20 M) implies r ~ 1.4. r = 1 gives 2.59 M in all (paper 2.60 M);
   r = 2 gives 2.45 M, 5.8 % under the paper, r = 4 and 16 lower still. ECA-Net (Wang et al.,
   CVPR 2020) found SE's dimensionality reduction harmful, so r = 1 is no odd choice either.
-* **Head** -- the 1x1 conv to 62 has a bias and no dropout (the paper mentions none).
-* **Speed** -- the stride-2 depthwise stages as one conv and SGE as reshapes plus one instance
-  norm are the computations above in fewer ONNX nodes; the literal forms (split, 4 strided convs
-  and a concatenation; the SGE reference code's mean/std chain) took 1.25-1.33x as long in
-  single-thread onnxruntime. Batch-1 CPU latency follows node count more than MACs, so
-  Mobile-FRNet (1.9x fewer MACs) is still slower than 3DDFA_V2's MobileNetV1.
+  Its two fully connected layers are 1x1 convs on the pooled (B, C, 1, 1) features.
+* **Head** -- global average pooling (one ``GlobalAveragePool``, which stays in the blocked
+  layout), then the 1x1 conv to 62 with a bias and no dropout (the paper mentions none).
+
+**Speed.** Batch-1 single-thread CPU latency follows the number of operations and layout
+conversions more than MACs. Measured with ``benchmarks/onnx_latency.py``'s session (one
+thread, all graph optimisations) on Machine A of BENCHMARKS.md, as the median of per-round
+latency ratios to 3DDFA_V2's MobileNetV1 (177 M MACs) in one interleaved run of 2000 calls
+each: the previous form (4 scales by Split/Concat, SGE on 5-D views) 1.30; this form 0.985;
+this form with s >= 3 1.10, with s >= 4 1.20; with the previous SGE 1.08; with the previous
+Split/Concat multi-scale stage (s = 4) 1.20. MobileNetV2 was 0.68 and the no-attention net
+0.76: the 17 SGE and 7 SE modules (205 of Mobile-FRNet's 316 nodes after onnxruntime's graph
+optimisation; the no-attention net has 111, MobileNetV2 56, MobileNetV1 30) cost 0.23 of
+MobileNetV1's latency, the multi-scale stages 0.08. The margin is small, and a machine busy
+with other work slows these many small operations more than MobileNetV1's few large
+convolutions (the same comparison has measured 1.05 under load).
 
 Parameter counts at 120x120 with 62 outputs: Mobile-FRNet 2.592 M (paper 2.60), no-attention
 2.303 M (paper 2.40, -4.0 %), MobileNetV2 2.303 M (paper 2.38, -3.2 %). The multi-scale form
@@ -80,7 +114,10 @@ MOBILENET_V2_LAYOUT: tuple[tuple[int, int, int, int], ...] = (
 )
 STEM_CHANNELS = 32
 LAST_CHANNELS = 1280
-MULTI_SCALE_GROUPS = 4  # Res2Net's default scale s
+MULTI_SCALE_GROUPS = 2  # fewest scales s of the hierarchy; see the module docstring
+# onnxruntime's blocked (NCHWc) layout packs 16 channels with AVX-512 (8 with AVX2); a group
+# width that is a whole number of blocks keeps the hierarchy's convs and additions in it.
+NCHWC_BLOCK = 16
 SGE_MAX_GROUPS = 64  # G of the Mobile-FRNet paper
 SGE_MIN_GROUP_WIDTH = 2  # DAMDNet's channels per SGE group
 SE_REDUCTION = 1  # see the module docstring
@@ -122,47 +159,95 @@ class ConvBNReLU6(nn.Sequential):
         )
 
 
+class SplitConvBNReLU6(nn.ModuleList):
+    """A ConvBNReLU6 whose output channels come out as ``parts`` equal tensors, one conv each.
+
+    The same function as one ConvBNReLU6 to ``out_channels`` followed by a channel split (a conv
+    and a per-channel BN split by output channel are the convs and BNs of the parts), but with
+    no Split node for onnxruntime to run outside its blocked layout. Input (B, C_in, H, W),
+    output a tuple of ``parts`` tensors (B, out_channels / parts, H / stride, W / stride).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, parts: int, kernel_size: int = 1,
+                 stride: int = 1) -> None:
+        if parts < 1 or out_channels % parts:
+            raise ValueError(f"{out_channels} channels cannot be split into {parts} equal parts")
+        super().__init__(ConvBNReLU6(in_channels, out_channels // parts, kernel_size, stride)
+                         for _ in range(parts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(part(x) for part in self)
+
+
 def plain_depthwise(channels: int, stride: int) -> nn.Module:
     """MobileNetV2's depthwise stage: one 3x3 depthwise conv + BN + ReLU6."""
     return ConvBNReLU6(channels, channels, 3, stride, groups=channels)
 
 
-class HierarchicalDepthwise(nn.Module):
-    """Res2Net-style multi-scale depthwise stage (see the module docstring).
+def multi_scale_groups(hidden_channels: int, scales: int = MULTI_SCALE_GROUPS) -> int:
+    """Scale count for a hierarchical stage on ``hidden_channels``: the smallest s >= ``scales``
+    that splits them into equal groups of a whole number of onnxruntime's 16-channel blocks, or
+    failing that (other width multipliers) the smallest s >= ``scales`` that divides them."""
+    divisors = [s for s in range(scales, hidden_channels + 1) if hidden_channels % s == 0]
+    if not divisors:
+        raise ValueError(f"{hidden_channels} channels cannot be split into >= {scales} equal groups")
+    aligned = [s for s in divisors if (hidden_channels // s) % NCHWC_BLOCK == 0]
+    return (aligned or divisors)[0]
 
-    The channels are split into ``scales`` groups; ``y_1 = K_1(x_1)``, ``y_i = K_i(x_i + y_(i-1))``
-    with ``K_i`` a 3x3 depthwise conv + BN + ReLU6; the output is the concatenation of the y_i.
-    Input and output (B, C, H, W); stride 1 only (see :func:`multi_scale_depthwise`).
+
+class HierarchicalInvertedResidual(nn.Module):
+    """Mobile-FRNet's stride-1 block: an inverted residual with a Res2Net-style depthwise stage.
+
+    The expanded channels are ``scales`` groups x_i; ``y_1 = K_1(x_1)``,
+    ``y_i = K_i(x_i + y_(i-1))`` with ``K_i`` a 3x3 depthwise conv + BN + ReLU6; the y_i are
+    concatenated and projected (1x1 conv + BN), then ``enhance`` (SGE) and the residual, as in
+    :class:`InvertedResidual`. Each group is produced by its own 1x1 expansion conv (the rows of
+    one expansion conv, see the module docstring). With ``expand_ratio == 1`` there is no
+    expansion and the input is split: pass it as a tuple of ``scales`` tensors (what
+    :class:`SplitConvBNReLU6` returns) or as one tensor. Input (B, C_in, H, W), output
+    (B, C_out, H, W).
     """
 
-    def __init__(self, channels: int, scales: int = MULTI_SCALE_GROUPS) -> None:
+    def __init__(self, in_channels: int, out_channels: int, expand_ratio: int, scales: int,
+                 enhance: Callable[[int], nn.Module] | None = None) -> None:
         super().__init__()
-        if scales < 1 or channels % scales:
-            raise ValueError(f"{channels} channels cannot be split into {scales} equal groups")
-        self.width = channels // scales
-        self.convs = nn.ModuleList(
-            ConvBNReLU6(self.width, self.width, 3, 1, groups=self.width) for _ in range(scales)
-        )
+        hidden_dim = int(round(in_channels * expand_ratio))
+        if scales < 2 or hidden_dim % scales:
+            raise ValueError(f"{hidden_dim} channels cannot be split into {scales} equal groups")
+        self.scales = scales
+        self.width = hidden_dim // scales
+        self.expand = (None if expand_ratio == 1 else
+                       SplitConvBNReLU6(in_channels, hidden_dim, scales))
+        self.convs = nn.ModuleList(ConvBNReLU6(self.width, self.width, 3, groups=self.width)
+                                   for _ in range(scales))
+        self.project = nn.Sequential(nn.Conv2d(hidden_dim, out_channels, 1, bias=False),
+                                     nn.BatchNorm2d(out_channels))
+        self.enhance = enhance(out_channels) if enhance is not None else None
+        self.use_residual = in_channels == out_channels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def input_parts(self) -> int:
+        """How many tensors the block takes its input as (``scales`` without an expansion)."""
+        return self.scales if self.expand is None else 1
+
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+        if isinstance(x, tuple):
+            if self.expand is not None or len(x) != self.scales:
+                raise ValueError(f"expected one tensor or {self.input_parts} parts, got {len(x)}")
+            parts, x = x, (torch.cat(x, dim=1) if self.use_residual else None)
+        elif self.expand is None:
+            parts = torch.split(x, self.width, dim=1)
+        else:
+            parts = self.expand(x)  # scales x (B, C/s, H, W)
         outputs = []
         previous = None
-        for part, conv in zip(torch.split(x, self.width, dim=1), self.convs, strict=True):
+        for part, conv in zip(parts, self.convs, strict=True):
             previous = conv(part if previous is None else part + previous)  # (B, C/s, H, W)
             outputs.append(previous)
-        return torch.cat(outputs, dim=1)  # (B, C, H, W)
-
-
-def multi_scale_depthwise(channels: int, stride: int,
-                          scales: int = MULTI_SCALE_GROUPS) -> nn.Module:
-    """Mobile-FRNet's depthwise stage: hierarchical at stride 1, a plain depthwise at stride 2.
-
-    At stride 2 the hierarchy cannot add strided and unstrided maps; Res2Net's answer there is
-    independent per-group convs, which is a plain depthwise conv, built as one for speed.
-    """
-    if stride != 1:
-        return plain_depthwise(channels, stride)
-    return HierarchicalDepthwise(channels, scales)
+        out = self.project(torch.cat(outputs, dim=1))  # (B, C_out, H, W)
+        if self.enhance is not None:
+            out = self.enhance(out)
+        return x + out if self.use_residual else out
 
 
 class SpatialGroupEnhance(nn.Module):
@@ -170,8 +255,10 @@ class SpatialGroupEnhance(nn.Module):
 
     For each of ``groups`` channel groups: ``g = mean over positions of x``, ``c = g . x`` at each
     position, ``c`` normalised over positions, ``a = gamma * c_hat + beta``, ``x *= sigmoid(a)``.
-    gamma starts at 0 and beta at 1, so the module starts as a uniform gate. Input/output
-    (B, C, H, W).
+    gamma starts at 0 and beta at 1, so the module starts as a uniform gate. Every tensor stays
+    4-D: the sum over a group's channels is a grouped 1x1 conv with a constant all-ones kernel
+    and a group's gate reaches its channels by an index gather (both buffers, not parameters).
+    Input/output (B, C, H, W).
     """
 
     def __init__(self, channels: int, groups: int, eps: float = 1e-5) -> None:
@@ -182,14 +269,17 @@ class SpatialGroupEnhance(nn.Module):
         self.eps = eps
         self.gamma = nn.Parameter(torch.zeros(groups))
         self.beta = nn.Parameter(torch.ones(groups))
+        width = channels // groups
+        self.register_buffer("group_sum", torch.ones(groups, width, 1, 1), persistent=False)
+        self.register_buffer("channel_group", torch.arange(channels) // width, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        grouped = x.unflatten(1, (self.groups, -1))  # (B, G, C/G, H, W)
-        mean_feature = grouped.mean(dim=(3, 4), keepdim=True)  # (B, G, C/G, 1, 1)
-        similarity = (grouped * mean_feature).sum(dim=2)  # (B, G, H, W)
+        mean_feature = x.mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
+        similarity = F.conv2d(x * mean_feature, self.group_sum, groups=self.groups)  # (B, G, H, W)
         # Normalising over positions with gamma/beta as the affine part is an instance norm.
         logits = F.instance_norm(similarity, weight=self.gamma, bias=self.beta, eps=self.eps)
-        return (grouped * torch.sigmoid(logits).unsqueeze(2)).flatten(1, 2)  # (B, C, H, W)
+        gate = torch.sigmoid(logits).index_select(1, self.channel_group)  # (B, C, H, W)
+        return x * gate
 
 
 def grouped_sge(channels: int) -> SpatialGroupEnhance:
@@ -218,16 +308,14 @@ class SqueezeExcitation(nn.Module):
 
 
 class InvertedResidual(nn.Module):
-    """MobileNetV2's block: 1x1 expansion, a depthwise stage, 1x1 linear projection, residual.
+    """MobileNetV2's block: 1x1 expansion, 3x3 depthwise conv, 1x1 linear projection, residual.
 
-    ``depthwise(channels, stride)`` builds the spatial stage (plain or multi-scale);
     ``enhance(channels)``, if given, runs on the projected output before the residual addition
     (Mobile-FRNet's SGE). The residual is used when the stride is 1 and the widths match.
     Input (B, in_channels, H, W), output (B, out_channels, H / stride, W / stride).
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, expand_ratio: int,
-                 depthwise: Callable[[int, int], nn.Module] = plain_depthwise,
                  enhance: Callable[[int], nn.Module] | None = None) -> None:
         super().__init__()
         if stride not in (1, 2):
@@ -238,7 +326,7 @@ class InvertedResidual(nn.Module):
         if expand_ratio != 1:
             layers.append(ConvBNReLU6(in_channels, hidden_dim, kernel_size=1))
         layers += [
-            depthwise(hidden_dim, stride),
+            plain_depthwise(hidden_dim, stride),
             nn.Conv2d(hidden_dim, out_channels, 1, bias=False),
             nn.BatchNorm2d(out_channels),
         ]
@@ -259,16 +347,25 @@ def mobilenet_v2_block(in_channels: int, out_channels: int, stride: int,
 
 def multi_scale_block(in_channels: int, out_channels: int, stride: int,
                       expand_ratio: int) -> nn.Module:
-    """Inverted residual with the multi-scale depthwise stage, no attention."""
-    return InvertedResidual(in_channels, out_channels, stride, expand_ratio,
-                            depthwise=multi_scale_depthwise)
+    """Inverted residual with the multi-scale depthwise stage, no attention.
+
+    At stride 2 the hierarchy cannot add strided and unstrided maps; Res2Net's answer there is
+    independent per-group convs, which is a plain depthwise conv, built as one.
+    """
+    if stride != 1:
+        return InvertedResidual(in_channels, out_channels, stride, expand_ratio)
+    hidden_dim = int(round(in_channels * expand_ratio))
+    return HierarchicalInvertedResidual(in_channels, out_channels, expand_ratio,
+                                        multi_scale_groups(hidden_dim))
 
 
 def mobile_block(in_channels: int, out_channels: int, stride: int, expand_ratio: int) -> nn.Module:
     """Mobile-FRNet's MobileBlock: multi-scale depthwise stage and an SGE module."""
-    return InvertedResidual(in_channels, out_channels, stride, expand_ratio,
-                            depthwise=multi_scale_depthwise,
-                            enhance=grouped_sge)
+    if stride != 1:
+        return InvertedResidual(in_channels, out_channels, stride, expand_ratio, enhance=grouped_sge)
+    hidden_dim = int(round(in_channels * expand_ratio))
+    return HierarchicalInvertedResidual(in_channels, out_channels, expand_ratio,
+                                        multi_scale_groups(hidden_dim), enhance=grouped_sge)
 
 
 class MobileFRNet(nn.Module):
@@ -293,8 +390,8 @@ class MobileFRNet(nn.Module):
             raise ValueError(f"width must be > 0, got {width}")
         if num_params < 1:
             raise ValueError(f"num_params must be >= 1, got {num_params}")
-        in_channels = round_channels(STEM_CHANNELS * width)
-        layers: list[nn.Module] = [ConvBNReLU6(3, in_channels, 3, stride=2)]
+        stem_channels = in_channels = round_channels(STEM_CHANNELS * width)
+        layers: list[nn.Module] = []
         for t, c, n, s in layout:
             out_channels = round_channels(c * width)
             blocks = [block(in_channels if i == 0 else out_channels, out_channels,
@@ -305,7 +402,12 @@ class MobileFRNet(nn.Module):
             in_channels = out_channels
         last_channels = round_channels(LAST_CHANNELS * max(1.0, width))
         layers.append(ConvBNReLU6(in_channels, last_channels, kernel_size=1))
-        self.features = nn.Sequential(*layers)
+        # A first block that takes its input in parts (no expansion to split) gets the stem's
+        # output channels as that many convs: the same stem, without a Split node.
+        parts = getattr(layers[0][0], "input_parts", 1) if layout else 1
+        stem = (ConvBNReLU6(3, stem_channels, 3, stride=2) if parts == 1 else
+                SplitConvBNReLU6(3, stem_channels, parts, kernel_size=3, stride=2))
+        self.features = nn.Sequential(stem, *layers)
         self.head = nn.Conv2d(last_channels, num_params, 1)
         self._init_weights()
 
@@ -323,7 +425,7 @@ class MobileFRNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.features(x)  # (B, 1280, H/32, W/32)
-        pooled = features.mean(dim=(2, 3), keepdim=True)  # (B, 1280, 1, 1)
+        pooled = F.adaptive_avg_pool2d(features, 1)  # (B, 1280, 1, 1)
         return self.head(pooled).flatten(1)  # (B, num_params)
 
 

@@ -5,8 +5,12 @@ from torch import nn
 
 from models.mobile_frnet import (
     MOBILENET_V2_LAYOUT,
-    HierarchicalDepthwise,
+    ConvBNReLU6,
+    HierarchicalInvertedResidual,
+    InvertedResidual,
     SpatialGroupEnhance,
+    SplitConvBNReLU6,
+    multi_scale_groups,
     sge_groups,
 )
 from models.mobilenet_v1 import MobileNetV1, load_3ddfa_v2_checkpoint
@@ -40,9 +44,17 @@ def test_ablations_differ_only_in_attention():
     kinds = {type(m).__name__ for m in full.modules()} - {type(m).__name__ for m in
                                                            no_attention.modules()}
     assert kinds == {"SpatialGroupEnhance", "SqueezeExcitation"}
-    assert sum(isinstance(m, SpatialGroupEnhance) for m in full.modules()) == sum(
-        n for _, _, n, _ in MOBILENET_V2_LAYOUT)
-    assert not any(isinstance(m, HierarchicalDepthwise) for m in build_model("mobilenet-v2").modules())
+    blocks = sum(n for _, _, n, _ in MOBILENET_V2_LAYOUT)
+    assert sum(isinstance(m, SpatialGroupEnhance) for m in full.modules()) == blocks
+    # Every stride-1 block is multi-scale; the 4 stride-2 blocks' independent groups are a plain
+    # depthwise conv (see the module docstring).
+    for model in (full, no_attention):
+        hierarchical = [m for m in model.modules() if isinstance(m, HierarchicalInvertedResidual)]
+        plain = [m for m in model.modules() if isinstance(m, InvertedResidual)]
+        assert len(hierarchical) == blocks - 4 and len(plain) == 4
+        assert all(m.scales >= 2 for m in hierarchical)
+    assert not any(isinstance(m, HierarchicalInvertedResidual)
+                   for m in build_model("mobilenet-v2").modules())
 
 
 def test_mobilenet_v1_matches_3ddfa_v2_published_size():
@@ -102,17 +114,62 @@ def test_sge_matches_its_formula_and_starts_as_a_uniform_gate():
     torch.testing.assert_close(sge(x), expected.detach())
 
 
-def test_hierarchical_depthwise_feeds_each_group_the_previous_output():
-    stage = HierarchicalDepthwise(8, scales=4).double().eval()
-    x = torch.randn(1, 8, 6, 6, dtype=torch.float64)
-    parts = torch.split(x, 2, dim=1)
-    y1 = stage.convs[0](parts[0])
-    y2 = stage.convs[1](parts[1] + y1)
-    y3 = stage.convs[2](parts[2] + y2)
-    y4 = stage.convs[3](parts[3] + y3)
-    torch.testing.assert_close(stage(x), torch.cat([y1, y2, y3, y4], dim=1))
+def _randomise_batchnorms(model: nn.Module, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            for tensor in (module.weight, module.bias, module.running_mean):
+                tensor.data.normal_(0.0, 0.5, generator=generator)
+            module.running_var.data.uniform_(0.5, 2.0, generator=generator)
+
+
+def test_hierarchical_block_feeds_each_group_the_previous_output():
+    block = HierarchicalInvertedResidual(8, 8, expand_ratio=3, scales=3).double().eval()
+    _randomise_batchnorms(block, 0)
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x1, x2, x3 = (expand(x) for expand in block.expand)
+    y1 = block.convs[0](x1)
+    y2 = block.convs[1](x2 + y1)
+    y3 = block.convs[2](x3 + y2)
+    torch.testing.assert_close(block(x), x + block.project(torch.cat([y1, y2, y3], dim=1)))
     with pytest.raises(ValueError, match="10 channels"):
-        HierarchicalDepthwise(10, scales=4)
+        HierarchicalInvertedResidual(5, 5, expand_ratio=2, scales=4)
+
+
+def test_split_convs_are_one_conv_followed_by_a_channel_split():
+    split = SplitConvBNReLU6(5, 12, parts=3, kernel_size=3, stride=2).double().eval()
+    _randomise_batchnorms(split, 2)
+    whole = ConvBNReLU6(5, 12, 3, stride=2).double().eval()
+    with torch.no_grad():
+        whole[0].weight.copy_(torch.cat([part[0].weight for part in split]))
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(whole[1], name).copy_(torch.cat([getattr(part[1], name) for part in split]))
+    x = torch.randn(2, 5, 9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for part, expected in zip(split(x), torch.split(whole(x), 4, dim=1), strict=True):
+        torch.testing.assert_close(part, expected)
+
+
+def test_block_without_expansion_takes_its_input_split_or_whole():
+    block = HierarchicalInvertedResidual(32, 16, expand_ratio=1, scales=2).double().eval()
+    _randomise_batchnorms(block, 4)
+    assert block.input_parts == 2
+    x = torch.randn(1, 32, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(block(tuple(torch.split(x, 16, dim=1))), block(x))
+    with pytest.raises(ValueError, match="parts"):
+        block(tuple(torch.split(x, 8, dim=1)))
+    # The network hands the first (t = 1) block its input as the stem's parts.
+    stem = build_model("mobile-frnet").features[0]
+    assert isinstance(stem, SplitConvBNReLU6) and len(stem) == 2
+
+
+def test_multi_scale_groups_are_whole_nchwc_blocks_where_possible():
+    # Hidden widths of MobileNetV2's stride-1 blocks at width 1.0.
+    assert {h: multi_scale_groups(h) for h in (32, 144, 192, 384, 576, 960)} == {
+        32: 2, 144: 3, 192: 2, 384: 2, 576: 2, 960: 2}
+    assert multi_scale_groups(16) == 2  # no 16-aligned split: the fewest equal groups
+    assert multi_scale_groups(192, scales=4) == 4
+    with pytest.raises(ValueError, match="7 channels"):
+        multi_scale_groups(7, scales=8)
 
 
 def test_3ddfa_v2_checkpoint_loads_strict_and_gives_finite_params():

@@ -1,4 +1,5 @@
 import numpy as np
+import onnx
 import pytest
 import torch
 from torch import nn
@@ -25,7 +26,7 @@ def calibrated(name: str) -> nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("name", ["mobile-frnet", "mobilenet-v1"])
+@pytest.mark.parametrize("name", ["mobile-frnet", "mobile-frnet-noatt", "mobilenet-v1"])
 def test_onnxruntime_matches_torch_at_batch_1_and_8(name, tmp_path):
     model = calibrated(name)
     path = export_onnx(model, tmp_path / f"{name}.onnx", opset=17)
@@ -42,3 +43,14 @@ def test_onnxruntime_matches_torch_at_batch_1_and_8(name, tmp_path):
         assert np.abs(expected).max() > 1e-2  # a real comparison, not bias against bias
         assert np.abs(actual - expected).max() <= 1e-4
     assert not model.training
+
+
+def test_mobile_frnet_exports_without_shape_or_split_nodes(tmp_path):
+    """The multi-scale split and SGE's grouping are convs, gathers and 4-D elementwise ops.
+
+    Split/Slice/Reshape (and the Shape arithmetic of a dynamic batch) run outside
+    onnxruntime's blocked NCHWc layout and cost a layout conversion each at batch 1.
+    """
+    path = export_onnx(build_model("mobile-frnet"), tmp_path / "mobile-frnet.onnx")
+    op_types = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert not op_types & {"Split", "Slice", "Shape", "Reshape", "Unsqueeze", "Expand", "Transpose"}
