@@ -32,6 +32,7 @@ import cv2
 import numpy as np
 import scipy.io
 
+from models.evaluation import AFLW21_FROM_68
 from models.mirror import mirror_map
 from models.params import NUM_EXPRESSION, NUM_SHAPE, rotation_from_angles
 from models.synthetic_face import SyntheticHead, build_synthetic_head
@@ -47,10 +48,6 @@ MAT_SHAPE_LENGTH = 199
 MAT_EXPRESSION_LENGTH = 29
 # AFLW2000-3D's |yaw| bins [0,30], (30,60], (60,90] hold 1312 / 383 / 305 of 2000 faces.
 AFLW2000_YAW_BIN_SHARES = (1312 / 2000, 383 / 2000, 305 / 2000)
-# iBUG 68 -> AFLW 21 points (1-based, lists averaged), from the benchmark protocol.
-AFLW21_FROM_68 = ([18], [20], [22], [23], [25], [27], [37], list(range(37, 43)), [40], [43],
-                  list(range(43, 49)), [46], [3], [32], [31], [36], [15], [49], list(range(61, 69)),
-                  [55], [9])
 
 
 @dataclass(frozen=True)

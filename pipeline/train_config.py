@@ -1,0 +1,118 @@
+"""Training configuration: ``configs/train.yaml`` read into frozen dataclasses.
+
+The same dotted keys are what Tune search spaces name (``loss.lambda1``, ``optim.lr``, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from models.losses import NUM_RESAMPLED, WING_EPSILON, WING_OMEGA
+from models.registry import ARCHITECTURES
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "mobile-frnet"
+    width: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"arch must be one of {sorted(ARCHITECTURES)}, got {self.arch!r}")
+        if self.width <= 0:
+            raise ValueError(f"width must be > 0, got {self.width}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """``lambda1 * WPDC + lambda2 * Wing(omega, epsilon)``."""
+
+    lambda1: float = 1.0
+    lambda2: float = 0.05
+    omega: float = WING_OMEGA
+    epsilon: float = WING_EPSILON
+    num_resampled: int = NUM_RESAMPLED
+
+    def __post_init__(self) -> None:
+        if self.lambda1 < 0 or self.lambda2 < 0 or self.lambda1 + self.lambda2 == 0:
+            raise ValueError(f"need lambda1, lambda2 >= 0 and not both 0, got {self.lambda1}, {self.lambda2}")
+        if self.omega <= 0 or self.epsilon <= 0:
+            raise ValueError(f"Wing needs omega > 0 and epsilon > 0, got {self.omega}, {self.epsilon}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """3DDFA's recipe by default (SGD Nesterov, warm-up, x0.2 steps); AdamW + cosine as option."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.02
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 5
+    warmup_factor: float = 0.2  # lr * factor during the warm-up epochs
+    milestones: tuple[int, ...] = (30, 40)  # sgd: epochs where lr is multiplied by gamma
+    gamma: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if list(self.milestones) != sorted(self.milestones):
+            raise ValueError(f"milestones must increase, got {list(self.milestones)}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    shards: str = "data/shards"  # a `frnet preprocess` output folder or URI
+    batch_size: int = 128  # per worker
+    shuffle_buffer: int = 2048  # rows, per worker
+    eval_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.4  # leave CPUs to Ray Data: reserving them all stalls its reads
+    gpus_per_worker: float = 1.0  # with use_gpu; a fraction lets small trials share a GPU
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "mobile-frnet"  # the same name resumes the same run
+    storage_path: str = ""  # empty: RUN_DIR/ray; shared storage (s3://, NFS) on a cluster
+    max_failures: int = 2
+    keep_checkpoints: int = 3  # the best by validation NME
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    tracking_uri: str = ""  # empty: sqlite:///<abs run dir>/mlflow.db
+    experiment: str = "mobile-frnet"
+    registered_model: str = "mobile-frnet"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    epochs: int = 50
+    seed: int = 0
+    deterministic: bool = False  # torch deterministic algorithms (slower)
+    bf16: bool = True  # autocast on GPU
+    channels_last: bool = True  # on GPU
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
