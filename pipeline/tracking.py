@@ -74,7 +74,7 @@ def register(client: mlflow.MlflowClient, name: str, model_uri: str, run_id: str
              figures: dict[str, float]) -> tuple[str, bool]:
     """Register a model version with its evaluation figures as tags; move ``champion`` to it
     only if its NME beats the current champion's. Returns (version, promoted)."""
-    version = mlflow.register_model(model_uri, name).version
+    version = str(mlflow.register_model(model_uri, name).version)
     for key, value in figures.items():
         client.set_model_version_tag(name, version, key, f"{value:.6g}")
     client.set_model_version_tag(name, version, "run_id", run_id)

@@ -24,12 +24,18 @@ import ray.train
 import yaml
 from ray.train.torch import TorchTrainer
 
-from models.checkpoint import load_bundle
+from models.checkpoint import ModelBundle, load_bundle
 from models.face_models import load_face_model
 from pipeline.common import setup_logging, write_json
-from pipeline.tracking import flatten, log_network, tracking_uri, use_experiment
+from pipeline.tracking import flatten, log_network, register, tracking_uri, use_experiment
 from pipeline.train_config import TrainConfig
-from pipeline.training import CHECKPOINT_FILE, read_manifest, shard_datasets, train_loop_per_worker
+from pipeline.training import (
+    CHECKPOINT_FILE,
+    evaluate_on_shards,
+    read_manifest,
+    shard_datasets,
+    train_loop_per_worker,
+)
 from preprocessing.config import ConfigError, from_dict, load_config
 
 LOG = logging.getLogger("frnet.train")
@@ -127,10 +133,30 @@ def train(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
         bundle, _ = load_bundle(model_path)
         model_uri = log_network(bundle.build_network(), model_path)
         mlflow.log_metrics({"best_val_nme": metrics["val_nme"], "best_epoch": metrics["epoch"]})
-    figures = {"run_id": run.info.run_id, "tracking_uri": mlflow.get_tracking_uri(),
-               "model_uri": model_uri, "model_file": str(model_path), "best": metrics,
-               "synthetic_data": manifest["morphable_model"]["source"] == "synthetic"}
+        figures = {"run_id": run.info.run_id, "tracking_uri": mlflow.get_tracking_uri(),
+                   "model_uri": model_uri, "model_file": str(model_path), "best": metrics,
+                   "synthetic_data": manifest["morphable_model"]["source"] == "synthetic"}
+        if "aflw2000" in manifest:
+            figures.update(evaluate_and_register(bundle, config, manifest, model_uri, run.info.run_id))
     return figures
+
+
+def evaluate_and_register(bundle: ModelBundle, config: TrainConfig, manifest: dict[str, Any],
+                          model_uri: str, run_id: str) -> dict[str, Any]:
+    """Evaluate on the AFLW2000-3D shards, log the figures, register the model with them as
+    version tags and move the ``champion`` alias to it only if it beats the current one."""
+    report = evaluate_on_shards(bundle, config.data.shards, manifest)
+    mlflow.log_dict(report, "evaluation/aflw2000.json")
+    summary = {"aflw2000.nme_mean_of_bins": report["nme_mean_of_bins"],
+               "aflw2000.nme_std_of_bins": report["nme_std_of_bins"],
+               "aflw2000.nme_per_sample_mean": report["nme_per_sample_mean"]}
+    mlflow.log_metrics(summary)
+    LOG.info("AFLW2000-3D NME %.3f%% (mean of yaw bins; %s)", 100 * report["nme_mean_of_bins"],
+             "synthetic faces" if manifest["morphable_model"]["source"] == "synthetic" else "real")
+    version, promoted = register(mlflow.MlflowClient(), config.mlflow.registered_model, model_uri, run_id,
+                                 summary)
+    return {"aflw2000": report, "registered_model": config.mlflow.registered_model,
+            "model_version": version, "champion": promoted}
 
 
 def _plain(value: Any) -> Any:
@@ -162,6 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nbest epoch {best['epoch']}: validation NME {100 * best['val_nme']:.3f}%"
           f"{' (synthetic data)' if figures['synthetic_data'] else ''}")
     print(f"model file: {figures['model_file']}\nMLflow run {figures['run_id']} in {figures['tracking_uri']}")
+    if "aflw2000" in figures:
+        report = figures["aflw2000"]
+        cells = [f"{b['range']}: " + ("-" if b["mean"] is None else f"{100 * b['mean']:.2f}")
+                 + f" ({b['count']})" for b in report["bins"]]
+        print(f"AFLW2000-3D NME by |yaw| bin (%):  {'  '.join(cells)}  "
+              f"mean {100 * report['nme_mean_of_bins']:.2f}")
+        state = "now the champion" if figures["champion"] else "registered; the champion stays"
+        print(f"model {figures['registered_model']} version {figures['model_version']}: {state}")
     write_json(args.json, figures)
     return 0
 

@@ -257,3 +257,36 @@ def _resume(network: nn.Module, optimizer, scheduler) -> int:
     scheduler.load_state_dict(data["training"]["scheduler"])
     LOG.info("resumed from the checkpoint of epoch %d", data["training"]["epoch"])
     return int(data["training"]["epoch"])
+
+
+def evaluate_on_shards(bundle: ModelBundle, shards: str, manifest: dict[str, Any],
+                       batch_size: int = 64) -> dict[str, Any]:
+    """AFLW2000-3D figures of a model from the evaluation shards ``frnet preprocess --aflw2000``
+    wrote: crops by the benchmark rule, landmarks mapped back through each ROI box, 2D NME
+    against ``pt3d_68``, binned by |yaw| (see :func:`models.evaluation.aflw2000_report`)."""
+    import pyarrow.parquet as pq
+
+    from models.evaluation import aflw2000_report
+    from preprocessing.geometry import crop_to_image, nme, param_frame_to_crop
+
+    if "aflw2000" not in manifest:
+        raise ValueError(f"{shards}: no AFLW2000-3D shards (preprocess with --aflw2000)")
+    filesystem, root = resolve(shards)
+    predictor = bundle.predictor()
+    image_format = manifest["image_format"]
+    errors, yaws, stems = [], [], []
+    for name in manifest["aflw2000"]["shards"]:
+        table = pq.read_table(f"{root}/{name}", filesystem=filesystem,
+                              columns=["id", "image", "roi_box", "pt3d_68", "yaw"])
+        for start in range(0, table.num_rows, batch_size):
+            rows = table.slice(start, batch_size).to_pylist()
+            crops = np.stack([decode_image(r["image"], image_format, CROP_SIZE) for r in rows])
+            params = predictor.predict_params(crops)
+            for row, param in zip(rows, params, strict=True):
+                crop_points = param_frame_to_crop(predictor.model.landmarks(param))
+                predicted = crop_to_image(crop_points, np.asarray(row["roi_box"], dtype=np.float64))
+                truth = np.asarray(row["pt3d_68"], dtype=np.float64).reshape(3, 68)
+                errors.append(float(nme(predicted, truth)))
+                yaws.append(abs(float(np.rad2deg(row["yaw"]))))
+                stems.append(row["id"])
+    return aflw2000_report(np.array(errors), np.array(yaws), stems)

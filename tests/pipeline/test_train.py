@@ -20,8 +20,10 @@ pytestmark = pytest.mark.slow
 def shards(tmp_path_factory, ray_local):
     root = tmp_path_factory.mktemp("train-data")
     generate(SynthConfig("300w-lp", n=8, seed=31, views_per_face=4), root / "300W_LP")
+    generate(SynthConfig("aflw2000-3d", n=4, seed=32), root / "AFLW2000")
     run_preprocess(str(root / "300W_LP"), str(root / "shards"),
-                   PreprocessConfig(augment=AugmentConfig(copies=2), val_fraction=0.3))
+                   PreprocessConfig(augment=AugmentConfig(copies=2), val_fraction=0.3),
+                   aflw2000_root=str(root / "AFLW2000"))
     return root / "shards"
 
 
@@ -61,7 +63,24 @@ def test_training_logs_to_mlflow_and_resumes(shards, tmp_path):
     prediction = predictor.predict(image, box=np.array([40.0, 40.0, 160.0, 160.0]))
     assert prediction.landmarks.shape == (3, 68)
 
-    # The same run name picks up where it stopped: only epoch 3 is trained.
+    # Evaluated on AFLW2000-3D and registered as the first champion, with its figures as tags.
+    assert sum(b["count"] for b in figures["aflw2000"]["bins"]) == 4
+    assert figures["model_version"] == "1" and figures["champion"]
+    champion = client.get_model_version_by_alias("mobile-frnet", "champion")
+    assert str(champion.version) == "1"
+    assert float(champion.tags["aflw2000.nme_mean_of_bins"]) == pytest.approx(
+        figures["aflw2000"]["nme_mean_of_bins"], rel=1e-5)
+    by_alias = mlflow.pytorch.load_model("models:/mobile-frnet@champion")
+    with torch.no_grad():
+        np.testing.assert_allclose(by_alias.eval()(inputs).numpy(), bundle.build_network()(inputs).numpy(),
+                                   atol=1e-5)
+
+    # The same run name picks up where it stopped: only epoch 3 is trained. Version 2 becomes
+    # the champion only if its NME is lower.
     again = train(small_config(shards, "t1", epochs=3), run_dir)
     steps = [m.step for m in client.get_metric_history(again["run_id"], "val_nme")]
     assert steps == [3]
+    better = again["aflw2000"]["nme_mean_of_bins"] < figures["aflw2000"]["nme_mean_of_bins"]
+    assert again["model_version"] == "2" and again["champion"] == better
+    expected = "2" if better else "1"
+    assert str(client.get_model_version_by_alias("mobile-frnet", "champion").version) == expected
