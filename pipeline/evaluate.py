@@ -63,6 +63,7 @@ from models.params import ParamStats
 from models.predictor import FacePredictor
 from models.registry import ARCHITECTURES, load_model
 from pipeline.common import progress_logger, setup_logging, write_json
+from pipeline.tracking import bundle_from_model_uri
 from preprocessing.annotations import decode_image
 from preprocessing.datasets import SampleRef, list_aflw2000, read_annotation, read_image
 from preprocessing.errors import DatasetError, MissingFileError
@@ -110,8 +111,12 @@ REPORT_TITLES = {
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="frnet evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", type=Path, required=True,
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path,
                         help="the project's model file, or with --arch a network checkpoint")
+    source.add_argument("--model-uri", help="a registered model, e.g. models:/mobile-frnet@champion")
+    parser.add_argument("--tracking-uri", help="with --model-uri: the MLflow store "
+                                               "(default: $MLFLOW_TRACKING_URI)")
     parser.add_argument("--arch", choices=list(ARCHITECTURES),
                         help="read --checkpoint as bare weights of this network")
     parser.add_argument("--width", type=float, default=1.0, help="with --arch: width multiplier")
@@ -176,6 +181,14 @@ def read_model_file(path: Path) -> ModelBundle:
 
 def load_predictor(args: argparse.Namespace) -> tuple[FacePredictor, dict[str, Any]]:
     """The predictor the arguments describe and a description of it for the JSON."""
+    if args.model_uri is not None:
+        if args.arch is not None:
+            raise ValueError("--arch reads a bare checkpoint; a --model-uri carries its own")
+        bundle = bundle_from_model_uri(args.model_uri, args.tracking_uri)
+        predictor = bundle.predictor(args.device)
+        return predictor, {"checkpoint": args.model_uri, "arch": bundle.arch, "width": bundle.width,
+                           "morphable_model": predictor.model.identity,
+                           "param_stats": predictor.stats.identity}
     if args.arch is None:
         bundle = read_model_file(args.checkpoint)
         try:

@@ -93,3 +93,21 @@ def register(client: mlflow.MlflowClient, name: str, model_uri: str, run_id: str
         LOG.info("%s version %s registered; the champion (version %s, NME %.3f%%) stays", name, version,
                  current.version, 100 * best)
     return version, promoted
+
+
+def bundle_from_model_uri(model_uri: str, tracking: str | None = None) -> Any:
+    """The model file logged beside a network (``models:/NAME@ALIAS``, ``runs:/...``, ...)."""
+    from models.checkpoint import load_bundle
+
+    if tracking:
+        mlflow.set_tracking_uri(tracking)
+    try:
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+    except mlflow.exceptions.MlflowException as err:
+        store = mlflow.get_tracking_uri()
+        raise ValueError(f"{model_uri}: cannot fetch from {store} ({err.message})") from err
+    files = sorted((folder / "extra_files").glob("*.pt"))
+    if len(files) != 1:
+        raise ValueError(f"{model_uri}: expected one model file under extra_files/, found {len(files)}")
+    bundle, _ = load_bundle(files[0])
+    return bundle

@@ -84,3 +84,21 @@ def test_training_logs_to_mlflow_and_resumes(shards, tmp_path):
     assert again["model_version"] == "2" and again["champion"] == better
     expected = "2" if better else "1"
     assert str(client.get_model_version_by_alias("mobile-frnet", "champion").version) == expected
+
+
+def test_evaluate_pulls_the_champion_by_alias(shards, tmp_path):
+    """`frnet evaluate --model-uri models:/NAME@champion` on a synthetic AFLW2000-3D folder."""
+    import json
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    figures = train(small_config(shards, "t2", epochs=1), run_dir)
+    generate(SynthConfig("aflw2000-3d", n=3, seed=33), tmp_path / "AFLW2000")
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "evaluate", "--model-uri", "models:/mobile-frnet@champion",
+         "--tracking-uri", figures["tracking_uri"], "--aflw2000", str(tmp_path / "AFLW2000"),
+         "--json", str(tmp_path / "eval.json")], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert len(report["aflw2000"]["per_image"]) == 3
