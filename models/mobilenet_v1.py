@@ -12,13 +12,13 @@ and left out of the parameter count of the regressor (3.27 M at width 1.0 withou
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from models.params import NUM_PARAMS
+from models.weights import read_state_dict
 
 LOG = logging.getLogger(__name__)
 
@@ -129,12 +129,6 @@ class MobileNetV1(nn.Module):
         return self.fc_param(features), self.fc_lm(features)
 
 
-def strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop the ``module.`` that ``nn.DataParallel`` puts before every key."""
-    prefix = "module."
-    return {key.removeprefix(prefix): value for key, value in state_dict.items()}
-
-
 def load_3ddfa_v2_checkpoint(path: Path, width: float) -> MobileNetV1:
     """A 3DDFA_V2 MobileNetV1 checkpoint as a model in eval mode, loaded with ``strict=True``.
 
@@ -144,17 +138,7 @@ def load_3ddfa_v2_checkpoint(path: Path, width: float) -> MobileNetV1:
     ``fc_param``. Raises ValueError when the file is unreadable or does not fit ``width``.
     """
     path = Path(path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as err:
-        raise ValueError(f"{path}: cannot read as a torch checkpoint: {err}") from err
-    if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"{path}: expected a dict checkpoint, got {type(checkpoint).__name__}")
-    for key in ("state_dict", "model"):
-        if isinstance(checkpoint.get(key), Mapping):
-            checkpoint = checkpoint[key]
-            break
-    state_dict = strip_module_prefix(checkpoint)
+    state_dict = read_state_dict(path)
     if "fc_param.weight" not in state_dict or "conv1.weight" not in state_dict:
         raise ValueError(f"{path}: not a 3DDFA_V2 MobileNetV1 checkpoint (no conv1/fc_param keys)")
     stem_channels = state_dict["conv1.weight"].shape[0]

@@ -15,7 +15,7 @@ plus 4 ops per BatchNorm output (1.50 M elements): 183.4 M.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,8 +23,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from models.mobile_frnet import mobile_frnet, mobile_frnet_no_attention, mobilenet_v2
-from models.mobilenet_v1 import MobileNetV1, load_3ddfa_v2_checkpoint, strip_module_prefix
+from models.mobilenet_v1 import MobileNetV1, load_3ddfa_v2_checkpoint
 from models.params import NUM_PARAMS
+from models.weights import read_state_dict
 
 # name -> builder(num_params, width)
 ARCHITECTURES: dict[str, Callable[[int, float], nn.Module]] = {
@@ -65,27 +66,6 @@ def count_complexity(model: nn.Module, input_size: int = INPUT_SIZE) -> dict[str
         model.train(was_training)
     flops = counter.get_total_flops()
     return {"params": params, "macs": flops // 2, "flops": flops}
-
-
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Weights from ``path``: a state dict, or ``{"model": ...}`` / ``{"state_dict": ...}``.
-
-    Read with ``weights_only=True``; ``module.`` prefixes are dropped.
-    """
-    path = Path(path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as err:
-        raise ValueError(f"{path}: cannot read as a torch checkpoint: {err}") from err
-    if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"{path}: expected a dict checkpoint, got {type(checkpoint).__name__}")
-    for key in ("model", "state_dict"):
-        if isinstance(checkpoint.get(key), Mapping):
-            checkpoint = checkpoint[key]
-            break
-    if not all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
-        raise ValueError(f"{path}: expected a state dict of tensors (or one under 'model')")
-    return strip_module_prefix(checkpoint)
 
 
 def load_model(name: str, width: float = 1.0, checkpoint_path: Path | None = None,
