@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import pickle
 import sys
 import time
 from collections.abc import Callable
@@ -202,12 +201,7 @@ def load_predictor(args: argparse.Namespace) -> tuple[FacePredictor, dict[str, A
         face_model = load_face_model(args.morphable)
         if not args.checkpoint.is_file():
             raise ValueError(f"{args.checkpoint}: no such file")
-        try:
-            network = load_model(args.arch, args.width, args.checkpoint)
-        # A file that is not a torch archive can fail inside the unpickler with these.
-        except (pickle.UnpicklingError, KeyError) as err:
-            raise ValueError(f"{args.checkpoint}: not a readable torch checkpoint "
-                             f"({type(err).__name__})") from err
+        network = load_model(args.arch, args.width, args.checkpoint)  # ValueError names the file
         predictor = FacePredictor(network, stats, face_model, args.device)
         arch, width = args.arch, args.width
     return predictor, {
