@@ -102,3 +102,56 @@ def test_evaluate_pulls_the_champion_by_alias(shards, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "eval.json").read_text())
     assert len(report["aflw2000"]["per_image"]) == 3
+
+
+def test_a_killed_worker_is_replaced_and_no_finished_epoch_is_lost(shards, tmp_path):
+    """SIGKILL one Ray Train worker after the first checkpoint: with max_failures the run
+    restarts the workers from the latest checkpoint and finishes every epoch once."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+    import yaml
+
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({
+        "epochs": 4,
+        "data": {"shards": str(shards), "batch_size": 8, "shuffle_buffer": 16, "eval_batch_size": 16},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.4},
+        "run": {"name": "faulty", "max_failures": 2},
+    }))
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "train", "--config", str(config), "--run-dir", str(run_dir),
+         "--num-cpus", "2", "--json", str(tmp_path / "figures.json")],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    snapshot = run_dir / "ray" / "faulty" / "checkpoint_manager_snapshot.json"
+
+    def registered_epochs() -> list[int]:
+        """Epochs whose checkpoints Ray Train has registered (a checkpoint folder alone may not be)."""
+        try:
+            results = __import__("json").loads(snapshot.read_text())["checkpoint_results"]
+        except (OSError, ValueError, KeyError):
+            return []
+        return [int(r["metrics"]["epoch"]) for r in results]
+
+    deadline = time.time() + 240
+    while time.time() < deadline and not registered_epochs():
+        time.sleep(0.1)
+    done_before_kill = max(registered_epochs(), default=0)
+    assert 1 <= done_before_kill < 4, "the kill must land mid-run, after a registered checkpoint"
+    workers = [p for p in psutil.Process(process.pid).children(recursive=True)
+               if "RayTrainWorker" in " ".join(p.cmdline())]
+    assert workers, "no Ray Train worker process found"
+    workers[-1].send_signal(signal.SIGKILL)
+    output, _ = process.communicate(timeout=420)
+    assert process.returncode == 0, output[-3000:]
+    resumed = [int(n) for n in re.findall(r"resumed from the checkpoint of epoch (\d+)", output)]
+    assert resumed and resumed[0] >= done_before_kill  # no registered epoch trained again
+    figures = __import__("json").loads((tmp_path / "figures.json").read_text())
+    client = mlflow.MlflowClient(figures["tracking_uri"])
+    steps = sorted({m.step for m in client.get_metric_history(figures["run_id"], "val_nme")})
+    assert steps == [1, 2, 3, 4]
