@@ -103,6 +103,19 @@ def test_evaluate_pulls_the_champion_by_alias(shards, tmp_path):
     report = json.loads((tmp_path / "eval.json").read_text())
     assert len(report["aflw2000"]["per_image"]) == 3
 
+    # `frnet predict` pulls the same champion and writes landmarks, pose, overlay and mesh.
+    images = [str(tmp_path / "AFLW2000" / f"image0000{i}.jpg") for i in range(2)]
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "predict", "--model-uri", "models:/mobile-frnet@champion",
+         "--tracking-uri", figures["tracking_uri"], *images, "--box", "140,120,320,330",
+         "--out", str(tmp_path / "pred")], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads((tmp_path / "pred" / "image00001.json").read_text())
+    assert len(record["landmarks"]) == 68 and set(record["pose_degrees"]) == {"pitch", "yaw", "roll"}
+    assert (tmp_path / "pred" / "image00001_overlay.png").stat().st_size > 1000
+    mesh = (tmp_path / "pred" / "image00001.obj").read_text().splitlines()
+    assert sum(line.startswith("v ") for line in mesh) == 5802
+
 
 def test_a_killed_worker_is_replaced_and_no_finished_epoch_is_lost(shards, tmp_path):
     """SIGKILL one Ray Train worker after the first checkpoint: with max_failures the run
