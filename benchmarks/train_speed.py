@@ -1,0 +1,117 @@
+"""Training throughput: Ray Data + Ray Train against a bare PyTorch loop over the same samples.
+
+    python benchmarks/train_speed.py --images 300 --epochs 3 --json train_speed.json
+
+One process tree, one synthetic shard set. (a) a plain loop over the training rows already
+decoded in memory; (b) ``frnet train`` with one Ray Train worker reading the shards through Ray
+Data. Same network (Mobile-FRNet), loss, optimiser, batch size and torch threads (1). Reports
+training samples/s after the first epoch (warm-up) and the ratio (b)/(a); goal >= 0.85 on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BATCH = 32
+
+
+def bare_loop(shards: Path, epochs: int) -> float:
+    """Samples/s of epochs 2.. of a plain loop over decoded, in-memory training rows."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+
+    from models.face_models import load_face_model
+    from models.losses import FRNetLoss
+    from models.params import ParamStats
+    from models.registry import build_model
+    from pipeline.train_config import OptimConfig
+    from pipeline.training import decode_batch, images_to_input, make_optimizer
+
+    torch.set_num_threads(1)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    table = pq.read_table([str(shards / p) for p in manifest["splits"]["train"]],
+                          columns=["image", "label", "landmarks"])
+    rows = decode_batch({k: np.array(table.column(k).to_pylist(), dtype=object) for k in table.column_names},
+                        manifest["image_format"])
+    images, labels = torch.from_numpy(rows["image"]), torch.from_numpy(rows["label"])
+    stats = ParamStats.from_dict(manifest["whitening"])
+    mean, std = torch.tensor(stats.mean, dtype=torch.float32), torch.tensor(stats.std, dtype=torch.float32)
+    network = build_model("mobile-frnet")
+    optimizer = make_optimizer(network, OptimConfig())
+    loss_fn = FRNetLoss(1.0, 0.05, stats, load_face_model(manifest["morphable_model"]["source"]))
+    generator = torch.Generator().manual_seed(0)
+    rates = []
+    for _ in range(epochs):
+        started = time.perf_counter()
+        order = torch.randperm(len(images))
+        for start in range(0, len(images), BATCH):
+            index = order[start:start + BATCH]
+            prediction = network(images_to_input(images[index]))
+            parts = loss_fn(prediction, (labels[index] - mean) / std, generator)
+            optimizer.zero_grad(set_to_none=True)
+            parts.total.backward()
+            optimizer.step()
+        rates.append(len(images) / (time.perf_counter() - started))
+    return float(np.mean(rates[1:]))
+
+
+def ray_train(shards: Path, run_dir: Path, epochs: int) -> float:
+    import ray
+
+    from pipeline.train import train
+    from pipeline.train_config import DataConfig, RunConfig, ScalingConfig, TrainConfig
+
+    ray.init(num_cpus=2, log_to_driver=False, logging_level="ERROR")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    config = TrainConfig(epochs=epochs, data=DataConfig(shards=str(shards), batch_size=BATCH),
+                         scaling=ScalingConfig(num_workers=1, cpus_per_worker=0.4),
+                         run=RunConfig(name="speed", max_failures=0))
+    figures = train(config, run_dir)
+    import mlflow
+
+    history = mlflow.MlflowClient(figures["tracking_uri"]).get_metric_history(figures["run_id"],
+                                                                             "samples_per_second")
+    rates = [m.value for m in sorted(history, key=lambda m: m.step)]
+    ray.shutdown()
+    return sum(rates[1:]) / len(rates[1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=300, help="unflipped synthetic images")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    from pipeline.common import write_json
+    from preprocessing.synth import SynthConfig, generate
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        generate(SynthConfig("300w-lp", n=args.images, seed=0), root / "300W_LP", workers=os.cpu_count() or 1)
+        (root / "preprocess.yaml").write_text("augment:\n  copies: 1\n")  # one crop an image
+        subprocess.run([sys.executable, "-m", "pipeline.cli", "preprocess", "--input", str(root / "300W_LP"),
+                        "--output", str(root / "shards"), "--config", str(root / "preprocess.yaml")],
+                       check=True, capture_output=True)
+        bare = bare_loop(root / "shards", args.epochs)
+        ray_rate = ray_train(root / "shards", root / "run", args.epochs)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; Mobile-FRNet, batch {BATCH}, "
+          "1 torch thread")
+    print("| loop | training samples/s |\n|---|---|")
+    print(f"| (a) bare PyTorch, rows in memory | {bare:.1f} |")
+    print(f"| (b) Ray Data + Ray Train, 1 worker | {ray_rate:.1f} |")
+    print(f"(b)/(a) = {ray_rate / bare:.2f}")
+    write_json(args.json, {"bare_loop": bare, "ray_train": ray_rate, "ratio": ray_rate / bare,
+                           "batch": BATCH})
+
+
+if __name__ == "__main__":
+    main()
