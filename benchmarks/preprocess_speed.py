@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=300, help="unflipped synthetic images (x2 with flips)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    from preprocessing.datasets import list_300w_lp
+    from preprocessing.datasets import list_300w_lp, resolve
     from preprocessing.ray_preprocess import mean_bytes_per_image
     from preprocessing.synth import SynthConfig, generate
 
@@ -108,7 +108,7 @@ def main() -> None:
                 row[f"ray_copies_{copies}_whole_run"] = n_all / t_all
                 row[f"ray_copies_{copies}"] = n_all / span
                 row[f"ray_copies_{copies}_start_seconds"] = t_all - span
-                row[f"bytes_per_image_copies_{copies}"] = mean_bytes_per_image(*_local(output))
+                row[f"bytes_per_image_copies_{copies}"] = mean_bytes_per_image(*resolve(str(output)))
             rows.append(row)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {rows[0]['images']} source images")
     print("| CPUs | (a) plain loop | (b) 1 crop, working | (b)/(a) | (b) 1 crop, whole run "
@@ -123,12 +123,6 @@ def main() -> None:
         print(f"2 CPUs / 1 CPU, {key}: {rows[1][key] / rows[0][key]:.2f}x")
     print(f"bytes per stored image (JPEG q95): {rows[0]['bytes_per_image_copies_4']:.0f}")
     write_json(args.json, {"rows": rows})
-
-
-def _local(path: Path):
-    from preprocessing.datasets import resolve
-
-    return resolve(str(path))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import time
@@ -15,6 +16,14 @@ def setup_logging(verbose: bool = False) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
     )
+
+
+def add_arch_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """``--arch`` (a registered network) and ``--width`` (its width multiplier)."""
+    from models.registry import ARCHITECTURES
+
+    parser.add_argument("--arch", required=required, choices=list(ARCHITECTURES))
+    parser.add_argument("--width", type=float, default=1.0, help="width multiplier")
 
 
 def write_json(path: Path | None, figures: dict[str, Any]) -> None:

@@ -17,16 +17,15 @@ import sys
 from pathlib import Path
 
 from models.onnx_export import export_onnx
-from models.registry import ARCHITECTURES, INPUT_SIZE, count_complexity, load_model
-from pipeline.common import setup_logging, write_json
+from models.registry import INPUT_SIZE, count_complexity, load_model
+from pipeline.common import add_arch_arguments, setup_logging, write_json
 
 LOG = logging.getLogger("frnet.export")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="frnet export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", required=True, choices=list(ARCHITECTURES))
-    parser.add_argument("--width", type=float, default=1.0, help="width multiplier")
+    add_arch_arguments(parser)
     parser.add_argument("--checkpoint", type=Path, help="weights to export (see above)")
     parser.add_argument("--onnx", type=Path, required=True, help="output .onnx file")
     parser.add_argument("--opset", type=int, default=17)

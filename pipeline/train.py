@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(num_cpus=args.num_cpus, logging_level=logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
-        figures = train(replace(config), args.run_dir)
+        figures = train(config, args.run_dir)
     except (FileNotFoundError, ValueError) as err:
         LOG.error("%s", err)
         return 1

@@ -6,6 +6,7 @@ Only this module and the stage scripts import ``ray.train``; the pieces it puts 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import tempfile
@@ -41,8 +42,6 @@ CROP_SIZE = 120
 
 def read_manifest(shards: str) -> dict[str, Any]:
     """The ``manifest.json`` of a ``frnet preprocess`` output (path or URI)."""
-    import json
-
     filesystem, path = resolve(shards)
     info = filesystem.get_file_info(f"{path}/manifest.json")
     if info.type != pafs.FileType.File:

@@ -175,8 +175,8 @@ class ShardProcessor:
             for key, row in produced:
                 rows[key].append(row)
             summary["written"] += 1
-            subset = summary["by_subset"].setdefault(ref.subset + ("_Flip" if ref.flipped else ""), 0)
-            summary["by_subset"][ref.subset + ("_Flip" if ref.flipped else "")] = subset + 1
+            folder = ref.subset + ("_Flip" if ref.flipped else "")
+            summary["by_subset"][folder] = summary["by_subset"].get(folder, 0) + 1
         for key, key_rows in rows.items():
             writers[key].write_rows(key_rows)
         train_labels += [row["label"] for row in rows.get("train", [])]
