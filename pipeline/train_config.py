@@ -81,6 +81,8 @@ class ScalingConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 0.4  # leave CPUs to Ray Data: reserving them all stalls its reads
     gpus_per_worker: float = 1.0  # with use_gpu; a fraction lets small trials share a GPU
+    # Ray placement of the workers: PACK fills one node first; SPREAD puts them on different nodes.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
 @dataclass(frozen=True)
