@@ -1,0 +1,173 @@
+"""`frnet predict` without a box: OpenCV's Haar detector on real faces, 3DDFA_V2's peer through it,
+an image without a face, and two faces with --all-faces. Called in-process."""
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from models.checkpoint import ModelBundle, save_bundle
+from models.mobilenet_v1 import load_3ddfa_v2_checkpoint
+from models.morphable import MorphableModel
+from models.params import ParamStats
+from pipeline import predict
+from preprocessing import detection
+from preprocessing.annotations import parse_mat
+from preprocessing.detection import HaarFaceDetector, haar_to_detector_boxes, largest_first
+from preprocessing.geometry import DETECTOR_BOX_FACTOR, DETECTOR_BOX_SHIFT, landmark_crop_box, nme
+from preprocessing.labels import image_landmarks
+from tests.conftest import shared_path
+
+
+def real_face_image() -> np.ndarray:
+    """image00427 as in the dataset (450x450): its 256x256 ROI crop pasted back at its ROI box."""
+    crop = cv2.imread(str(shared_path("aflw2000-3d-image00427", "image00427_roi_crop_256.png")))
+    sx, sy, ex, ey = np.load(shared_path("aflw2000-3d", "protocol", "AFLW2000-3D_crop.roi_box.npy"))[255]
+    width, height = round(ex - sx), round(ey - sy)
+    image = np.zeros((450, 450, 3), np.uint8)
+    image[round(sy):round(sy) + height, round(sx):round(sx) + width] = cv2.resize(
+        crop, (width, height), interpolation=cv2.INTER_LINEAR)
+    return image
+
+
+def read_mat(path: Path):
+    return parse_mat(path.read_bytes(), str(path))
+
+
+@pytest.fixture(scope="module")
+def real_face_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("real") / "image00427.jpg"
+    cv2.imwrite(str(path), real_face_image(), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    return path
+
+
+@pytest.fixture(scope="module")
+def real_face_truth() -> np.ndarray:
+    return read_mat(shared_path("aflw2000-3d", "mat", "image00427.mat")).pt3d_68
+
+
+@pytest.fixture(scope="module")
+def peer_model_file(tmp_path_factory) -> Path:
+    """3DDFA_V2's released MobileNetV1-0.5 as a project model file (bfm68, V2 statistics)."""
+    bfm = shared_path("bfm68")
+    network = load_3ddfa_v2_checkpoint(shared_path("peers", "3ddfa_v2_mb05_120x120.pth"), 0.5)
+    # The project's mobilenet-v1 has no landmark head (fc_lm, a training aid in 3DDFA_V2).
+    weights = {k: v for k, v in network.state_dict().items() if not k.startswith("fc_lm.")}
+    bundle = ModelBundle(
+        arch="mobilenet-v1", width=0.5, state_dict=weights,
+        param_stats=ParamStats.from_text_files(bfm / "param_mean_v2.txt", bfm / "param_std_v2.txt"),
+        morphable_source=f"bfm68:{bfm}", morphable_identity=MorphableModel.from_bfm68_dir(bfm).identity,
+    )
+    path = tmp_path_factory.mktemp("peer") / "peer.pt"
+    save_bundle(path, bundle)
+    return path
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    width = min(a[2], b[2]) - max(a[0], b[0])
+    height = min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(width, 0.0) * max(height, 0.0)
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def wanted_detector_box(landmarks: np.ndarray) -> np.ndarray:
+    """The detector box whose 3DDFA_V2 crop is the benchmark ROI of these landmarks."""
+    sx, sy, ex, ey = landmark_crop_box(landmarks)
+    side = (ex - sx) / DETECTOR_BOX_FACTOR
+    cx, cy = (sx + ex) / 2, (sy + ey) / 2 - DETECTOR_BOX_SHIFT * side
+    return np.array([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2])
+
+
+def test_haar_hits_become_detector_boxes_in_one_based_pixels():
+    # A hit over array columns 10..109, rows 20..119 spans 10.5..110.5, 20.5..120.5 (1-based).
+    boxes = haar_to_detector_boxes(np.array([[10, 20, 100, 100]]))
+    side = detection.HAAR_TO_DETECTOR_SCALE * 100
+    centre = np.array([60.5, 70.5 + detection.HAAR_TO_DETECTOR_SHIFT * 100])
+    np.testing.assert_allclose(boxes[0], [*(centre - side / 2), *(centre + side / 2)])
+    assert haar_to_detector_boxes(np.zeros((0, 4))).shape == (0, 4)
+    order = largest_first(np.array([[0, 0, 10, 10], [0, 0, 30, 30], [5, 5, 25, 25]]))
+    np.testing.assert_array_equal(order[:, 2], [30, 25, 10])
+
+
+def test_without_the_cascades_the_error_says_what_to_do(monkeypatch):
+    monkeypatch.delattr(cv2, "data")
+    with pytest.raises(ValueError, match=r"ships no Haar cascades .* opencv-python-headless<5"):
+        HaarFaceDetector()
+
+
+def test_detector_finds_the_one_real_face(real_face_truth):
+    detector = HaarFaceDetector()
+    boxes = detector.detect(real_face_image())
+    assert boxes.shape == (1, 4) and boxes.dtype == np.float64
+    with pytest.raises(ValueError, match=r"expected a BGR uint8 image \(H, W, 3\), got float32"):
+        detector.detect(np.zeros((90, 90, 3), np.float32))
+    truth_bbox = np.concatenate([real_face_truth[:2].min(axis=1), real_face_truth[:2].max(axis=1)])
+    # Measured: IoU 0.68 with the landmarks' bbox, 0.84 with the box --box should get for the
+    # benchmark ROI (the unadjusted Haar box: 0.62 and 0.56).
+    assert box_iou(boxes[0], truth_bbox) > 0.6
+    assert box_iou(boxes[0], wanted_detector_box(real_face_truth)) > 0.75
+
+
+def run_predict(*args: str) -> int:
+    return predict.main([str(a) for a in args])
+
+
+def test_peer_through_the_detector_is_near_its_benchmark_nme(peer_model_file, real_face_path,
+                                                             real_face_truth, tmp_path):
+    out = tmp_path / "out"
+    assert run_predict("--checkpoint", peer_model_file, real_face_path, "--out", out) == 0
+    record = json.loads((out / "image00427.json").read_text())
+    assert record["box_source"] == "opencv-haar" and record["face"] == 0
+    # Measured 2.86 % (with the benchmark ROI box 2.73 %; over 0.5-1.5x zooms 2.86-3.09 %).
+    assert nme(np.array(record["landmarks"]).T, real_face_truth) * 100 < 3.4
+    assert (out / "image00427_overlay.png").stat().st_size > 1000
+
+
+def test_peer_through_the_detector_on_a_turned_real_face(peer_model_file, tmp_path):
+    """300W-LP's sample, yaw -44 deg: the unadjusted Haar box gives 3.1-4.1 %, so this checks the
+    adjustment. Truth: the 68 landmarks its parameters give through bfm68."""
+    image_path = shared_path("300w-lp-sample", "IBUG_image_008_1_0.jpg")
+    annotation = read_mat(image_path.with_suffix(".mat"))
+    truth = image_landmarks(MorphableModel.from_bfm68_dir(shared_path("bfm68")), annotation, 450)
+    assert run_predict("--checkpoint", peer_model_file, image_path, "--out", tmp_path) == 0
+    record = json.loads((tmp_path / "IBUG_image_008_1_0.json").read_text())
+    # Measured 1.80 % (1.56-1.80 % over 0.5-1.5x zooms; the landmark ROI gives 1.90 %).
+    assert nme(np.array(record["landmarks"]).T, truth) * 100 < 2.5
+
+
+def test_an_image_without_a_face_is_listed_and_the_others_written(peer_model_file, real_face_path,
+                                                                 tmp_path, caplog):
+    grey = tmp_path / "grey.png"
+    cv2.imwrite(str(grey), np.full((300, 400, 3), 128, np.uint8))
+    out, summary = tmp_path / "out", tmp_path / "summary.json"
+    assert run_predict("--checkpoint", peer_model_file, grey, real_face_path, "--out", out,
+                       "--json", summary) == 1
+    assert f"{grey}: no face found" in caplog.text
+    assert (out / "image00427.json").exists() and (out / "image00427_overlay.png").exists()
+    assert not list(out.glob("grey*"))
+    figures = json.loads(summary.read_text())
+    assert figures["no_face"] == [str(grey)]
+    assert [record["image"] for record in figures["images"]] == [str(real_face_path)]
+
+
+def test_all_faces_writes_each_face_largest_first(peer_model_file, tmp_path):
+    face = real_face_image()
+    canvas = np.zeros((450, 338 + 450, 3), np.uint8)
+    # The smaller copy on the left, so size order is not left-to-right order.
+    canvas[:338, :338] = cv2.resize(face, (338, 338), interpolation=cv2.INTER_AREA)
+    canvas[:, 338:] = face
+    path = tmp_path / "two.png"
+    cv2.imwrite(str(path), canvas)
+    out = tmp_path / "out"
+    assert run_predict("--checkpoint", peer_model_file, path, "--all-faces", "--out", out) == 0
+    assert sorted(p.name for p in out.glob("*.json")) == ["two_face0.json", "two_face1.json"]
+    records = [json.loads((out / f"two_face{i}.json").read_text()) for i in range(2)]
+    sides = [record["box"][2] - record["box"][0] for record in records]
+    assert sides[0] > sides[1] * 1.2  # the copies are 1 : 0.75
+    assert records[1]["box"][2] < 338 < records[0]["box"][0]
+    for record in records:
+        x = np.array(record["landmarks"])[:, 0]
+        assert record["box"][0] < x.mean() < record["box"][2]
+    assert (out / "two_face1_overlay.png").exists() and not (out / "two.json").exists()
