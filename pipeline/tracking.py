@@ -32,12 +32,18 @@ def tracking_uri(configured: str, run_dir: Path) -> str:
 
 
 def use_experiment(name: str, run_dir: Path) -> str:
-    """Select (creating if needed) an experiment whose artifacts live in RUN_DIR/mlartifacts;
-    MLflow would otherwise put them under ./mlruns of whatever directory the process runs in."""
+    """Select (creating if needed) an experiment. With a local store its artifacts live in
+    RUN_DIR/mlartifacts (MLflow would otherwise put them under ./mlruns of whatever directory the
+    process runs in); with a tracking server, where the server keeps them."""
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        location = (Path(run_dir).resolve() / "mlartifacts").as_uri()
+        if mlflow.get_tracking_uri().startswith(("http://", "https://")):
+            # A tracking server stores the artifacts where its --artifacts-destination says,
+            # reachable from every node; a local path would exist on this machine only.
+            location = None
+        else:
+            location = (Path(run_dir).resolve() / "mlartifacts").as_uri()
         experiment_id = client.create_experiment(name, artifact_location=location)
     else:
         experiment_id = experiment.experiment_id
@@ -75,8 +81,8 @@ def register(client: mlflow.MlflowClient, name: str, model_uri: str, run_id: str
     """Register a model version with its evaluation figures as tags; move ``champion`` to it
     only if its NME beats the current champion's. Returns (version, promoted)."""
     version = str(mlflow.register_model(model_uri, name).version)
-    for key, value in figures.items():
-        client.set_model_version_tag(name, version, key, f"{value:.6g}")
+    for key, value in figures.items():  # full precision: the ranking tag is compared exactly
+        client.set_model_version_tag(name, version, key, repr(float(value)))
     client.set_model_version_tag(name, version, "run_id", run_id)
     score = figures[RANKING_TAG]
     try:

@@ -125,6 +125,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank = context.get_world_rank()
     device = ray.train.torch.get_device()
+    _record_nodes(_gather_node_ids(), rank, loop_config.get("mlflow"))
     if config.deterministic:
         ray.train.torch.enable_reproducibility(seed=config.seed)
     torch.manual_seed(config.seed + rank)
@@ -182,7 +183,33 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "lr": lr, "samples_per_second": samples / (sums[4] / context.get_world_size()),
         }.items()}
         metrics["epoch"] = int(metrics["epoch"])
+        if not math.isfinite(metrics["val_nme"]):  # diverged: rank it last, never as NaN
+            metrics["val_nme"] = math.inf
         _report(metrics, network, optimizer, scheduler, loop_config, config, stats, rank)
+
+
+def _gather_node_ids() -> list[str]:
+    """The Ray node id of every worker, in rank order (a collective: every worker calls it)."""
+    node_id = ray.get_runtime_context().get_node_id()
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [node_id]
+    node_ids: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(node_ids, node_id)
+    return node_ids
+
+
+def _record_nodes(node_ids: list[str], rank: int, tracking: dict[str, str] | None) -> None:
+    """Rank 0 logs where the workers run and tags the driver's MLflow run with it
+    (``train.node_ids``: one id per worker, sorted, comma-joined)."""
+    if rank != 0:
+        return
+    LOG.info("%d workers on %d nodes (node id by rank): %s", len(node_ids), len(set(node_ids)),
+             ", ".join(node_ids))
+    if tracking:
+        import mlflow
+
+        mlflow.MlflowClient(tracking["tracking_uri"]).set_tag(
+            tracking["run_id"], "train.node_ids", ",".join(sorted(node_ids)))
 
 
 def _validate(network, face_model, stats, config, device, autocast) -> tuple[float, float]:
