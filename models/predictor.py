@@ -99,3 +99,11 @@ class FacePredictor:
             params=params, box=box, landmarks=vertices[:, self.model.landmark_indices],
             vertices=vertices, pose=pose_angles(params),
         )
+
+
+class MeanFacePredictor(FacePredictor):
+    """Predicts the whitening mean (the mean face in the mean pose) for every crop, ignoring the
+    pixels: the baseline a trained model has to beat on the same faces and crops."""
+
+    def predict_params(self, crops: np.ndarray) -> np.ndarray:
+        return np.repeat(self.stats.mean[None, :].astype(np.float64), len(crops), axis=0)

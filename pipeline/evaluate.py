@@ -41,7 +41,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -59,7 +59,7 @@ from models.evaluation import (
 )
 from models.face_models import load_face_model
 from models.params import ParamStats
-from models.predictor import FacePredictor
+from models.predictor import FacePredictor, MeanFacePredictor
 from models.registry import ARCHITECTURES, load_model
 from pipeline.common import progress_logger, setup_logging, write_json
 from pipeline.tracking import bundle_from_model_uri
@@ -128,6 +128,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(default: the .mat's Pose_Para)")
     parser.add_argument("--aflw", type=Path, help="AFLW in 3DDFA's test layout (AFLW_GT_crop/, .list)")
     parser.add_argument("--aflw-protocol", type=Path, help="folder of the AFLW arrays (default: --aflw)")
+    parser.add_argument("--mean-face", action="store_true",
+                        help="score the model's whitening mean (the mean face) for every face: the "
+                             "baseline a trained model must beat")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument("--out", type=Path, help="folder for the pictures (default: beside --json)")
@@ -600,6 +603,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         LOG.error("%s", err)
         return 2
+    if args.mean_face:
+        baseline = MeanFacePredictor(inputs.predictor.network, inputs.predictor.stats, inputs.predictor.model)
+        inputs = replace(inputs, predictor=baseline, model_info={**inputs.model_info, "mean_face": True})
+        LOG.info("scoring the mean face (the whitening mean) for every face, not the network")
     started = time.perf_counter()
     figures: dict[str, Any] = {"model": inputs.model_info}
     reports: dict[str, dict[str, Any]] = {}

@@ -9,13 +9,19 @@ import numpy as np
 import pytest
 import scipy.io
 
-from models.checkpoint import ModelBundle, save_bundle
+from models.checkpoint import ModelBundle, load_bundle, save_bundle
 from models.face_models import load_face_model
 from models.params import ParamStats
 from models.registry import build_model
 from pipeline import evaluate
 from preprocessing.datasets import list_aflw2000, read_annotation
-from preprocessing.geometry import crop_image, landmark_crop_box
+from preprocessing.geometry import (
+    crop_image,
+    crop_to_image,
+    landmark_crop_box,
+    nme,
+    param_frame_to_crop,
+)
 from preprocessing.labels import canonical_angles, label_from_annotation
 from preprocessing.synth import SynthConfig, generate
 from tests.conftest import shared_path
@@ -253,3 +259,21 @@ def test_true_labels_score_zero(synthetic_folder):
     # (stored as float32, hence not exactly 0).
     assert reports["aflw2000"]["nme_per_sample_mean"] < 1e-6
     assert reports["reconstruction_3d"]["nme_per_sample_mean"] < 1e-9
+
+
+def test_mean_face_baseline_ignores_the_network(model_file, synthetic_folder, tmp_path):
+    """--mean-face scores the whitening mean through the crop box and back, for every face."""
+    json_path = tmp_path / "mean.json"
+    assert evaluate.main(["--checkpoint", str(model_file), "--aflw2000", str(synthetic_folder),
+                          "--mean-face", "--json", str(json_path)]) == 0
+    figures = json.loads(json_path.read_text())
+    assert figures["model"]["mean_face"] is True
+    stats = load_bundle(model_file)[0].param_stats
+    head = load_face_model("synthetic")
+    filesystem, refs = list_aflw2000(synthetic_folder)
+    for ref in refs:
+        truth = read_annotation(filesystem, ref).pt3d_68
+        box = landmark_crop_box(truth)
+        predicted = crop_to_image(param_frame_to_crop(head.landmarks(stats.mean)), box)
+        assert figures["aflw2000"]["per_image"][ref.stem] == pytest.approx(nme(predicted, truth), rel=1e-9)
+
