@@ -12,6 +12,7 @@ STAGES = {
     "synth": "render a synthetic dataset in the 300W-LP or AFLW2000-3D layout",
     "preprocess": "300W-LP -> augmented, labelled Parquet shards with Ray Data",
     "train": "train a network with Ray Train (DDP) on the shards, tracked in MLflow",
+    "tune": "Ray Tune sweep of training runs (ASHA), tracked in MLflow; registers the best",
     "predict": "landmarks, pose and a mesh for images, from a registered model or a model file",
     "info": "parameter and operation counts of a registered network",
     "export": "export a network (and its checkpoint) to ONNX",

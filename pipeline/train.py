@@ -26,9 +26,9 @@ from ray.train.torch import TorchTrainer
 
 from models.checkpoint import ModelBundle, load_bundle
 from models.face_models import load_face_model
-from pipeline.common import setup_logging, write_json
+from pipeline.common import init_ray, setup_logging, write_json
 from pipeline.tracking import flatten, log_network, register, tracking_uri, use_experiment
-from pipeline.train_config import TrainConfig
+from pipeline.train_config import TrainConfig, to_plain
 from pipeline.training import (
     CHECKPOINT_FILE,
     evaluate_on_shards,
@@ -70,7 +70,9 @@ def load_train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def make_trainer(config: TrainConfig, run_dir: Path, manifest: dict[str, Any],
-                 mlflow_run: dict[str, str] | None) -> TorchTrainer:
+                 mlflow_run: dict[str, str] | None,
+                 callbacks: list[ray.train.UserCallback] | None = None) -> TorchTrainer:
+    """A TorchTrainer for ``config``; ``mlflow_run`` (tracking URI and run id) gets the epochs."""
     storage = config.run.storage_path or str((run_dir / "ray").resolve())
     model = load_face_model(manifest["morphable_model"]["source"])
     if model.identity != manifest["morphable_model"]["identity"]:
@@ -94,7 +96,7 @@ def make_trainer(config: TrainConfig, run_dir: Path, manifest: dict[str, Any],
                                                resources_per_worker=resources,
                                                placement_strategy=config.scaling.placement_strategy),
         run_config=ray.train.RunConfig(
-            name=config.run.name, storage_path=storage,
+            name=config.run.name, storage_path=storage, callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=config.run.keep_checkpoints, checkpoint_score_attribute="val_nme",
@@ -106,12 +108,16 @@ def make_trainer(config: TrainConfig, run_dir: Path, manifest: dict[str, Any],
 
 def best_model_file(result: ray.train.Result, destination: Path) -> tuple[Path, dict[str, Any]]:
     """Copy the best checkpoint's model file (lowest val_nme) to ``destination``."""
-    best = min(result.best_checkpoints, key=lambda pair: pair[1]["val_nme"])
-    checkpoint, metrics = best
+    checkpoint, metrics = min(result.best_checkpoints, key=lambda pair: pair[1]["val_nme"])
+    return copy_model_file(checkpoint, destination), metrics
+
+
+def copy_model_file(checkpoint: ray.train.Checkpoint, destination: Path) -> Path:
+    """The model file of a checkpoint (local or on shared storage) copied to ``destination``."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     with checkpoint.as_directory() as folder:
         destination.write_bytes((Path(folder) / CHECKPOINT_FILE).read_bytes())
-    return destination, metrics
+    return destination
 
 
 def train(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
@@ -123,7 +129,7 @@ def train(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
     with mlflow.start_run(run_name=config.run.name) as run:
         mlflow.log_params(flatten(asdict(config)))
         mlflow.log_dict(asdict(config), "config.json")
-        mlflow.log_text(yaml.safe_dump(_plain(asdict(config)), sort_keys=False), "config.yaml")
+        mlflow.log_text(yaml.safe_dump(to_plain(config), sort_keys=False), "config.yaml")
         mlflow.log_dict(manifest, "manifest.json")
         mlflow.set_tags({"synthetic_data": str(manifest["morphable_model"]["source"] == "synthetic"),
                          "morphable_model": manifest["morphable_model"]["identity"]})
@@ -160,14 +166,6 @@ def evaluate_and_register(bundle: ModelBundle, config: TrainConfig, manifest: di
             "model_version": version, "champion": promoted}
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
@@ -177,8 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         LOG.error("%s", err)
         return 2
     if not ray.is_initialized():
-        # The dashboard stays on: Ray Train's controller queries the state API it serves.
-        ray.init(num_cpus=args.num_cpus, logging_level=logging.WARNING)
+        init_ray(args.num_cpus, logging_level=logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         figures = train(config, args.run_dir)

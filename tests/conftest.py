@@ -30,12 +30,13 @@ def bfm68():
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the whole session (2 CPUs, no dashboard), shut down at the end."""
+    """One local Ray for the whole session (2 CPUs), shut down at the end."""
     import ray
 
+    from pipeline.common import init_ray
+
     if not ray.is_initialized():
-        # The dashboard stays on: Ray Train's controller queries the state API it serves.
-        ray.init(num_cpus=2, log_to_driver=False, logging_level="WARNING")
+        init_ray(2, log_to_driver=False, logging_level="WARNING")
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

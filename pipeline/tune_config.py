@@ -1,0 +1,213 @@
+"""Sweep configuration: ``configs/tune.yaml`` (resources, the base training config) and a
+search space file ``tune_spaces/NAME.yaml`` (distributions, scheduler, searcher).
+
+Search-space keys are the dotted keys of :class:`pipeline.train_config.TrainConfig`
+(``loss.lambda1``, ``optim.lr``, ...); every bound and value is checked by building a
+``TrainConfig`` with it, so a space cannot name a key or a value that training would refuse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.train_config import TrainConfig, to_plain
+from preprocessing.config import ConfigError, from_dict, load_config
+
+DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
+# Keys a sweep sets itself (trial names, resources, the store) or that would change the data.
+NOT_SEARCHABLE = ("run.", "mlflow.", "scaling.", "data.shards", "epochs")
+
+
+@dataclass(frozen=True)
+class TrialResources:
+    """What one trial (one Ray Train run) asks for."""
+
+    num_workers: int = 2
+    cpus_per_worker: float = 0.4  # leave CPUs to Ray Data (see configs/train.yaml)
+    gpus_per_worker: float = 0.0  # > 0 trains on GPU; a fraction lets trials share one GPU
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+        if self.cpus_per_worker < 0 or self.gpus_per_worker < 0:
+            raise ValueError("cpus_per_worker and gpus_per_worker must be >= 0")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    name: str = "frnet-sweep"  # the Tune experiment; `--resume` continues the one of this name
+    train_config: str = "train.yaml"  # the base training config, relative to this file
+    epochs: int = 30  # per trial; ASHA's max_t
+    trial: TrialResources = field(default_factory=TrialResources)
+    max_concurrent_trials: int = 1
+    storage_path: str = ""  # empty: RUN_DIR/ray; shared storage (s3://, NFS) on a cluster
+    register: bool = True  # evaluate the best trial on AFLW2000-3D and register it
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.max_concurrent_trials < 1:
+            raise ValueError(f"epochs and max_concurrent_trials must be >= 1, got "
+                             f"{self.epochs}, {self.max_concurrent_trials}")
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched key: ``uniform``/``loguniform``/``randint`` take ``low`` < ``high``
+    (``randint``'s high is exclusive); ``choice`` (sampled) and ``grid`` (every value, in
+    order) take ``values``."""
+
+    distribution: str
+    low: float | None = None
+    high: float | None = None
+    values: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    name: Literal["asha", "fifo"] = "asha"
+    grace_period: int = 1  # epochs before a trial can be stopped
+    reduction_factor: float = 3.0  # keep the best 1/reduction_factor at each rung
+
+    def __post_init__(self) -> None:
+        if self.grace_period < 1 or self.reduction_factor <= 1:
+            raise ValueError(f"need grace_period >= 1 and reduction_factor > 1, got "
+                             f"{self.grace_period}, {self.reduction_factor}")
+
+
+@dataclass(frozen=True)
+class SearcherSpec:
+    name: Literal["random"] = "random"  # Tune's random search (grid dimensions run in order)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    dimensions: dict[str, Dimension]
+    num_samples: int = 8
+    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    searcher: SearcherSpec = field(default_factory=SearcherSpec)
+    source: str = ""
+
+
+def load_sweep_config(path: Path, overrides: dict[str, Any] | None = None) -> SweepConfig:
+    return load_config(path, SweepConfig, overrides)
+
+
+def base_train_config(sweep_path: Path, sweep: SweepConfig, overrides: dict[str, Any]) -> TrainConfig:
+    """The training config every trial starts from (``train_config`` is relative to the sweep file)."""
+    return load_config(Path(sweep_path).parent / sweep.train_config, TrainConfig, overrides)
+
+
+def load_space(path: Path, base: TrainConfig) -> SearchSpace:
+    """Read and check a search space file against the training config it will modify."""
+    path = Path(path)
+    source = str(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as err:
+        raise ConfigError(f"{source}: cannot read ({err})") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML ({err})") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    known = {"space", "num_samples", "scheduler", "searcher"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
+    raw_space = data.get("space")
+    if not isinstance(raw_space, dict) or not raw_space:
+        raise ConfigError(f"{source}: 'space' must map at least one training key to a distribution")
+    dimensions = {key: _dimension(key, spec, base, source) for key, spec in raw_space.items()}
+    num_samples = data.get("num_samples", 8)
+    if type(num_samples) is not int or num_samples < 1:
+        raise ConfigError(f"{source}: 'num_samples' must be an integer >= 1, got {num_samples!r}")
+    scheduler = from_dict(SchedulerSpec, data.get("scheduler", {}), source, prefix="scheduler.")
+    searcher = from_dict(SearcherSpec, data.get("searcher", {}), source, prefix="searcher.")
+    return SearchSpace(dimensions, num_samples, scheduler, searcher, source)
+
+
+def leaf_keys(cls: type = TrainConfig, prefix: str = "") -> dict[str, Any]:
+    """Every dotted leaf key of a config dataclass and its type hint."""
+    keys: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for item in dataclasses.fields(cls):
+        hint = hints[item.name]
+        if dataclasses.is_dataclass(hint):
+            keys.update(leaf_keys(hint, f"{prefix}{item.name}."))
+        else:
+            keys[f"{prefix}{item.name}"] = hint
+    return keys
+
+
+def with_overrides(base: TrainConfig, overrides: dict[str, Any], source: str) -> TrainConfig:
+    """``base`` with dotted keys replaced, checked like a config file."""
+    data = to_plain(base)
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        target = data
+        for key in parents:
+            target = target[key]
+        target[leaf] = list(value) if isinstance(value, tuple) else value
+    return from_dict(TrainConfig, data, source=source)
+
+
+def _dimension(key: str, spec: Any, base: TrainConfig, source: str) -> Dimension:
+    keys = leaf_keys()
+    where = f"{source}: space key '{key}'"
+    if key not in keys:
+        raise ConfigError(f"{where} is not a training config key (e.g. loss.lambda1, optim.lr)")
+    if any(key == banned or (banned.endswith(".") and key.startswith(banned)) for banned in NOT_SEARCHABLE):
+        raise ConfigError(f"{where} cannot be searched (the sweep sets run, mlflow, scaling, data.shards "
+                          "and epochs itself)")
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where} must be a mapping like {{distribution: loguniform, low: 0.1, high: 10}}")
+    allowed = {"distribution", "low", "high", "values"}
+    unknown = sorted(set(spec) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field '{unknown[0]}' (known: {', '.join(sorted(allowed))})")
+    distribution = spec.get("distribution")
+    if distribution not in DISTRIBUTIONS:
+        known = ", ".join(DISTRIBUTIONS)
+        raise ConfigError(f"{where}: unknown distribution {distribution!r} (known: {known})")
+    if distribution in ("choice", "grid"):
+        values = spec.get("values")
+        if not isinstance(values, list) or not values or {"low", "high"} & set(spec):
+            raise ConfigError(f"{where}: '{distribution}' takes a non-empty list 'values' (no low/high)")
+        checked = tuple(_checked_value(key, v, base, where) for v in values)
+        return Dimension(distribution, values=checked)
+    if "values" in spec or "low" not in spec or "high" not in spec:
+        raise ConfigError(f"{where}: '{distribution}' takes 'low' and 'high' (no values)")
+    low, high = spec["low"], spec["high"]
+    for name, bound in (("low", low), ("high", high)):
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound):
+            raise ConfigError(f"{where}: '{name}' must be a finite number, got {bound!r}")
+    if low >= high:
+        raise ConfigError(f"{where}: low must be below high, got low={low}, high={high}")
+    if distribution == "loguniform" and low <= 0:
+        raise ConfigError(f"{where}: loguniform needs low > 0, got {low}")
+    if distribution == "randint":
+        if keys[key] is not int or not (float(low).is_integer() and float(high).is_integer()):
+            raise ConfigError(f"{where}: randint is for integer keys with integer bounds")
+        low, high = int(low), int(high)
+        _checked_value(key, low, base, where)
+        _checked_value(key, high - 1, base, where)
+    else:
+        if keys[key] is not float:
+            raise ConfigError(f"{where}: {distribution} is for number keys; use choice or grid")
+        _checked_value(key, float(low), base, where)
+        _checked_value(key, float(high), base, where)
+    return Dimension(distribution, low=low, high=high)
+
+
+def _checked_value(key: str, value: Any, base: TrainConfig, where: str) -> Any:
+    try:
+        with_overrides(base, {key: value}, source=where)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: value {value!r} is refused ({err})") from err
+    return value

@@ -1,0 +1,173 @@
+"""A Ray Tune sweep of Ray Train runs on synthetic shards: ASHA stops the weak trials, MLflow
+holds a parent run with one nested run per trial, an interrupted sweep resumes without
+rerunning finished trials, and the best model is registered and loads by alias."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from models.checkpoint import load_bundle
+from pipeline import tune as tune_stage
+from preprocessing.augment import AugmentConfig
+from preprocessing.dataflow import PreprocessConfig
+from preprocessing.ray_preprocess import run_preprocess
+from preprocessing.synth import SynthConfig, generate
+
+pytestmark = pytest.mark.slow
+# The grid runs in order: a sound learning rate, then one that blows the network up (ASHA must
+# stop it after its first epoch), then each again.
+LEARNING_RATES = [0.001, 50.0, 0.001, 50.0]
+EPOCHS = 2
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def sweep_files(tmp_path_factory, ray_local):
+    root = tmp_path_factory.mktemp("tune-data")
+    generate(SynthConfig("300w-lp", n=8, seed=41, views_per_face=4), root / "300W_LP")
+    generate(SynthConfig("aflw2000-3d", n=4, seed=42), root / "AFLW2000")
+    run_preprocess(str(root / "300W_LP"), str(root / "shards"),
+                   PreprocessConfig(augment=AugmentConfig(copies=2), val_fraction=0.3),
+                   aflw2000_root=str(root / "AFLW2000"))
+    train = {"data": {"shards": str(root / "shards"), "batch_size": 8, "shuffle_buffer": 16,
+                      "eval_batch_size": 16},
+             "optim": {"name": "adamw", "lr": 0.001, "warmup_epochs": 0, "weight_decay": 0.0},
+             "run": {"max_failures": 0}}
+    (root / "train.yaml").write_text(yaml.safe_dump(train))
+    sweep = {"name": "sweep", "train_config": "train.yaml", "epochs": EPOCHS,
+             "trial": {"num_workers": 2, "cpus_per_worker": 0.4}, "max_concurrent_trials": 1}
+    (root / "tune.yaml").write_text(yaml.safe_dump(sweep))
+    space = {"num_samples": 1, "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
+             "space": {"optim.lr": {"distribution": "grid", "values": LEARNING_RATES}}}
+    (root / "space.yaml").write_text(yaml.safe_dump(space))
+    return root
+
+
+def trial_results(run_dir: Path) -> dict[str, list[dict]]:
+    """Tune's per-trial result lines (one per reported epoch), by trial id."""
+    results = {}
+    for path in sorted((run_dir / "ray" / "sweep").glob("*/result.json")):
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        results[path.parent.name] = lines
+    return results
+
+
+def interrupt_during_third_trial(process: subprocess.Popen, run_dir: Path, deadline: float) -> None:
+    """Press Ctrl-C (SIGINT) once the third trial has started (one trial runs at a time, so the
+    first two have finished: the sound one, and the diverging one that ASHA stopped)."""
+    while time.time() < deadline and process.poll() is None:
+        if len(trial_results(run_dir)) >= 3:
+            process.send_signal(signal.SIGINT)
+            return
+        time.sleep(1.0)
+
+
+@pytest.fixture(scope="module")
+def sweep(sweep_files, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("tune-run")
+    common = ["--config", str(sweep_files / "tune.yaml"), "--run-dir", str(run_dir)]
+    # The interrupted run is a process of its own with its own local Ray, as at a terminal.
+    command = [sys.executable, "-m", "pipeline.cli", "tune", *common,
+               "--space", str(sweep_files / "space.yaml"), "--num-cpus", "2"]
+    with (run_dir / "interrupted.log").open("w") as log:
+        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        try:
+            interrupt_during_third_trial(process, run_dir, deadline=time.time() + 600)
+            first = process.wait(timeout=180)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    before = trial_results(run_dir)
+    resumed = tune_stage.main([*common, "--resume", "--json", str(run_dir / "sweep.json")])
+    return {"run_dir": run_dir, "first_exit": first, "resumed_exit": resumed, "before": before,
+            "log": (run_dir / "interrupted.log").read_text()[-3000:],
+            "figures": json.loads((run_dir / "sweep.json").read_text())}
+
+
+def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep):
+    assert sweep["first_exit"] == 130, sweep["log"]
+    assert sweep["resumed_exit"] == 0
+    before, after = sweep["before"], trial_results(sweep["run_dir"])
+    finished = sorted(before)[:2]
+    assert [len(before[trial]) for trial in finished] == [EPOCHS, 1]
+    # The finished trials' results are untouched by the resumed run, and nothing ran twice.
+    assert all(after[trial] == before[trial] for trial in finished)
+    assert len(after) == len(LEARNING_RATES)
+    for trial, lines in after.items():
+        epochs = [line["epoch"] for line in lines]
+        assert epochs == sorted(set(epochs)), f"{trial} reported an epoch twice: {epochs}"
+
+
+def test_asha_stops_the_diverging_trials(sweep):
+    trials = {t["trial_id"]: t for t in sweep["figures"]["trials"]}
+    by_lr = sorted(trials.values(), key=lambda t: t["trial_id"])
+    assert [t["searched"]["optim.lr"] for t in by_lr] == LEARNING_RATES
+    diverging = [t for t in by_lr if t["searched"]["optim.lr"] == 50.0]
+    assert all(t["state"] == "stopped early" and len(t["curve"]) < EPOCHS for t in diverging)
+    assert by_lr[0]["state"] == "completed" and len(by_lr[0]["curve"]) == EPOCHS
+    best = sweep["figures"]["trials"][0]
+    assert best["searched"]["optim.lr"] == 0.001 and sweep["figures"]["best_trial"] == best["trial_id"]
+    with (Path(sweep["figures"]["sweep_dir"]) / "results.csv").open() as stream:
+        rows = list(csv.DictReader(stream))
+    assert [row["trial_id"] for row in rows] == [t["trial_id"] for t in sweep["figures"]["trials"]]
+    assert sum(row["state"] == "stopped early" for row in rows) >= 2
+
+
+def test_mlflow_holds_a_parent_run_and_one_nested_run_per_trial(sweep):
+    figures = sweep["figures"]
+    client = mlflow.MlflowClient(figures["tracking_uri"])
+    parent = client.get_run(figures["parent_run_id"])
+    assert parent.data.params["space.optim.lr"] == f"grid{LEARNING_RATES}"
+    assert parent.data.metrics["trials_stopped_early"] >= 2
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
+    assert {"sweep/results.csv", "sweep/nme_vs_searched_keys.png", "sweep/validation_curves.png",
+            "sweep/space.yaml"} <= artifacts
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    trial_ids = sorted(t["trial_id"] for t in figures["trials"])
+    assert sorted(r.data.tags["trial_id"] for r in children) == trial_ids
+    for child in children:
+        trial = next(t for t in figures["trials"] if t["trial_id"] == child.data.tags["trial_id"])
+        assert float(child.data.params["optim.lr"]) == trial["searched"]["optim.lr"]
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_nme")]
+        assert steps == list(range(1, len(trial["curve"]) + 1))
+        assert child.info.status == ("FINISHED" if trial["state"] == "completed" else "KILLED")
+
+
+def test_the_best_trial_is_registered_and_loads_by_alias(sweep):
+    figures = sweep["figures"]
+    assert figures["model_version"] == "1" and figures["champion"]
+    assert sum(b["count"] for b in figures["aflw2000"]["bins"]) == 4
+    client = mlflow.MlflowClient(figures["tracking_uri"])
+    champion = client.get_model_version_by_alias("mobile-frnet", "champion")
+    assert champion.run_id == figures["parent_run_id"]
+    assert float(champion.tags["aflw2000.nme_mean_of_bins"]) == pytest.approx(
+        figures["aflw2000"]["nme_mean_of_bins"], rel=1e-5)
+    bundle, training = load_bundle(figures["model_file"])
+    best = figures["trials"][0]["best"]
+    assert training["epoch"] == best[0] and training["metrics"]["val_nme"] == pytest.approx(best[1])
+    mlflow.set_tracking_uri(figures["tracking_uri"])
+    by_alias = mlflow.pytorch.load_model("models:/mobile-frnet@champion")
+    inputs = torch.randn(2, 3, 120, 120)
+    with torch.no_grad():
+        np.testing.assert_allclose(by_alias.eval()(inputs).numpy(), bundle.build_network()(inputs).numpy(),
+                                   atol=1e-5)
+
+
+def test_a_second_sweep_of_the_same_name_is_refused(sweep, sweep_files, caplog):
+    code = tune_stage.main(["--config", str(sweep_files / "tune.yaml"), "--run-dir", str(sweep["run_dir"]),
+                            "--space", str(sweep_files / "space.yaml")])
+    assert code == 1 and "--resume continues it" in caplog.text
