@@ -102,7 +102,7 @@ def make_trainer(config: TrainConfig, run_dir: Path, manifest: dict[str, Any],
                 num_to_keep=config.run.keep_checkpoints, checkpoint_score_attribute="val_nme",
                 checkpoint_score_order="min"),
         ),
-        datasets=shard_datasets(config.data.shards, manifest),
+        datasets=shard_datasets(config.data.shards, manifest, config.data.cache_decoded),
     )
 
 

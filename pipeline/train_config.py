@@ -68,6 +68,9 @@ class DataConfig:
     batch_size: int = 128  # per worker
     shuffle_buffer: int = 2048  # rows, per worker
     eval_batch_size: int = 256
+    # Decode the crops once into Ray's object store and train every epoch from there: for sets
+    # that fit in memory (43 KB a crop decoded, against about 5.5 KB as JPEG in the shards).
+    cache_decoded: bool = False
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "eval_batch_size"):

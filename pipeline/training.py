@@ -60,8 +60,10 @@ def decode_batch(batch: dict[str, np.ndarray], image_format: str) -> dict[str, n
     }
 
 
-def shard_datasets(shards: str, manifest: dict[str, Any]) -> dict[str, ray.data.Dataset]:
-    """Ray datasets of the train and val shards, decoded to uint8 crops in Ray Data tasks."""
+def shard_datasets(shards: str, manifest: dict[str, Any], cache_decoded: bool = False,
+                   ) -> dict[str, ray.data.Dataset]:
+    """Ray datasets of the train and val shards, decoded to uint8 crops in Ray Data tasks (once,
+    into the object store, with ``cache_decoded``; otherwise again every epoch)."""
     filesystem, root = resolve(shards)
     image_format = manifest["image_format"]
     datasets = {}
@@ -71,8 +73,9 @@ def shard_datasets(shards: str, manifest: dict[str, Any]) -> dict[str, ray.data.
             raise ValueError(f"{shards}: the {split} split is empty")
         dataset = ray.data.read_parquet(paths, filesystem=filesystem).select_columns(
             ["image", "label", "landmarks"])
-        datasets[split] = dataset.map_batches(decode_batch, fn_kwargs={"image_format": image_format},
-                                              batch_format="numpy", batch_size=256)
+        dataset = dataset.map_batches(decode_batch, fn_kwargs={"image_format": image_format},
+                                      batch_format="numpy", batch_size=256)
+        datasets[split] = dataset.materialize() if cache_decoded else dataset
     return datasets
 
 
