@@ -27,7 +27,7 @@ lint: setup
 	$(VENV)/bin/ruff check models preprocessing pipeline tests benchmarks
 
 demo: setup
-	$(VENV)/bin/frnet demo --out $(RUN_DIR)
+	$(VENV)/bin/frnet demo --out $(RUN_DIR) --overwrite
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -37,11 +37,24 @@ def test_synth_writes_a_readable_folder_and_its_figures(tmp_path):
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
-    result = run("demo", "--out", str(tmp_path / "run"), "--train-images", "4", "--test-images", "3",
-                 "--workers", "2", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    figures = json.loads((tmp_path / "run" / "demo.json").read_text())
-    assert figures["round_trip_300w-lp"]["checked"] == 8
-    assert figures["round_trip_aflw2000-3d"]["max_error_px"] <= 1e-4
-    assert (tmp_path / "run" / "synthetic_crops.png").stat().st_size > 10_000
-    assert "Synthetic data (not real faces)" in result.stdout
+    """A small demo: every stage runs, the outputs land under --out and nothing outside it."""
+    result = run("demo", "--out", str(tmp_path / "run"), "--train-images", "40", "--test-images", "8",
+                 "--epochs", "1", "--no-tune", "--min-improvement", "0", "--workers", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    figures = json.loads((run_dir / "demo.json").read_text())
+    assert figures["data"]["round_trip_300w-lp"]["checked"] == 80  # 40 images and their flips
+    assert figures["data"]["round_trip_aflw2000-3d"]["max_error_px"] <= 1e-4
+    assert [s["stage"] for s in figures["stages"]] == [
+        "synth", "preprocess", "train", "evaluate (champion)", "evaluate (mean face)", "predict"]
+    for report in (figures["champion"], figures["mean_face"]):
+        assert sum(b["count"] for b in report["bins"]) == 8
+    # The champion and the baseline differ: the trained network is what was evaluated.
+    assert figures["champion"]["per_image"] != figures["mean_face"]["per_image"]
+    assert figures["predictions"]["images"] or figures["predictions"]["no_face"]
+    for picture in ("cumulative_errors.png", "nme_by_yaw.png", "landmark_overlays.png"):
+        assert (run_dir / "evaluation" / "champion" / picture).stat().st_size > 1000
+    assert "mean face" in result.stdout and f"sqlite:///{run_dir / 'mlflow.db'}" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no ./mlruns, nothing else
+    again = run("demo", "--out", str(run_dir), cwd=tmp_path)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
