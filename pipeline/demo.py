@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run_stage(name: str, stage: Callable[[list[str]], int], arguments: list[str], log: list[dict]) -> None:
     """Run one ``frnet STAGE`` in this process; a non-zero exit stops the demo."""
-    LOG.info("== %s: frnet %s", name, " ".join(arguments))
+    LOG.info("== %s: frnet %s %s", name, stage.__module__.rsplit(".", 1)[-1], " ".join(arguments))
     started = time.perf_counter()
     code = stage(arguments)
     seconds = time.perf_counter() - started
