@@ -152,7 +152,7 @@ def evaluate_and_register(bundle: ModelBundle, config: TrainConfig, manifest: di
                           model_uri: str, run_id: str) -> dict[str, Any]:
     """Evaluate on the AFLW2000-3D shards, log the figures, register the model with them as
     version tags and move the ``champion`` alias to it only if it beats the current one."""
-    report = evaluate_on_shards(bundle, config.data.shards, manifest)
+    report = evaluate_on_shards(bundle.predictor(), config.data.shards, manifest)
     mlflow.log_dict(report, "evaluation/aflw2000.json")
     summary = {"aflw2000.nme_mean_of_bins": report["nme_mean_of_bins"],
                "aflw2000.nme_std_of_bins": report["nme_std_of_bins"],

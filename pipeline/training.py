@@ -26,7 +26,7 @@ from models.checkpoint import ModelBundle, bundle_from_dict, save_bundle
 from models.face_models import load_face_model
 from models.losses import FRNetLoss, dewhiten
 from models.params import ParamStats
-from models.predictor import INPUT_MEAN, INPUT_SCALE
+from models.predictor import INPUT_MEAN, INPUT_SCALE, FacePredictor
 from models.registry import build_model
 from pipeline.train_config import OptimConfig, TrainConfig
 from preprocessing.config import from_dict
@@ -288,11 +288,13 @@ def _resume(network: nn.Module, optimizer, scheduler) -> int:
     return int(data["training"]["epoch"])
 
 
-def evaluate_on_shards(bundle: ModelBundle, shards: str, manifest: dict[str, Any],
+def evaluate_on_shards(predictor: FacePredictor, shards: str, manifest: dict[str, Any],
                        batch_size: int = 64) -> dict[str, Any]:
-    """AFLW2000-3D figures of a model from the evaluation shards ``frnet preprocess --aflw2000``
-    wrote: crops by the benchmark rule, landmarks mapped back through each ROI box, 2D NME
-    against ``pt3d_68``, binned by |yaw| (see :func:`models.evaluation.aflw2000_report`)."""
+    """AFLW2000-3D figures of a predictor (``bundle.predictor()``, or a
+    :class:`models.predictor.MeanFacePredictor` for the baseline) from the evaluation shards
+    ``frnet preprocess --aflw2000`` wrote: crops by the benchmark rule, landmarks mapped back
+    through each ROI box, 2D NME against ``pt3d_68``, binned by |yaw| (see
+    :func:`models.evaluation.aflw2000_report`)."""
     import pyarrow.parquet as pq
 
     from models.evaluation import aflw2000_report
@@ -301,7 +303,6 @@ def evaluate_on_shards(bundle: ModelBundle, shards: str, manifest: dict[str, Any
     if "aflw2000" not in manifest:
         raise ValueError(f"{shards}: no AFLW2000-3D shards (preprocess with --aflw2000)")
     filesystem, root = resolve(shards)
-    predictor = bundle.predictor()
     image_format = manifest["image_format"]
     errors, yaws, stems = [], [], []
     for name in manifest["aflw2000"]["shards"]:
