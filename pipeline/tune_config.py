@@ -15,10 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from pipeline.train_config import TrainConfig, to_plain
-from preprocessing.config import ConfigError, from_dict, load_config
+from preprocessing.config import ConfigError, from_dict, load_config, read_yaml_mapping
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
 # Keys a sweep sets itself (trial names, resources, the store) or that would change the data.
@@ -106,16 +104,8 @@ def base_train_config(sweep_path: Path, sweep: SweepConfig, overrides: dict[str,
 
 def load_space(path: Path, base: TrainConfig) -> SearchSpace:
     """Read and check a search space file against the training config it will modify."""
-    path = Path(path)
     source = str(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except OSError as err:
-        raise ConfigError(f"{source}: cannot read ({err})") from err
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{source}: not valid YAML ({err})") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level")
+    data = read_yaml_mapping(Path(path))
     known = {"space", "num_samples", "scheduler", "searcher"}
     unknown = sorted(set(data) - known)
     if unknown:

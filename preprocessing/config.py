@@ -25,17 +25,23 @@ class ConfigError(ValueError):
 def load_config(path: Path, cls: type[T], overrides: dict[str, Any] | None = None) -> T:
     """Read a YAML file into dataclass ``cls``; ``overrides`` (dotted keys) win over the file."""
     path = Path(path)
+    data = read_yaml_mapping(path)
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    return from_dict(cls, data, source=str(path))
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (an empty file is an empty one)."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(Path(path).read_text()) or {}
     except OSError as err:
         raise ConfigError(f"{path}: cannot read ({err})") from err
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from err
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level")
-    for dotted, value in (overrides or {}).items():
-        _set_dotted(data, dotted, value)
-    return from_dict(cls, data, source=str(path))
+    return data
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
