@@ -21,6 +21,37 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+def real_face_image():
+    """AFLW2000-3D image00427 as in the dataset (450x450 BGR): its 256x256 ROI crop, from the
+    reference data, pasted back at its ROI box (see NOTE.md there)."""
+    import cv2
+    import numpy as np
+
+    crop = cv2.imread(str(shared_path("aflw2000-3d-image00427", "image00427_roi_crop_256.png")))
+    sx, sy, ex, ey = np.load(shared_path("aflw2000-3d", "protocol", "AFLW2000-3D_crop.roi_box.npy"))[255]
+    width, height = round(ex - sx), round(ey - sy)
+    image = np.zeros((450, 450, 3), np.uint8)
+    image[round(sy):round(sy) + height, round(sx):round(sx) + width] = cv2.resize(
+        crop, (width, height), interpolation=cv2.INTER_LINEAR)
+    return image
+
+
+def tiny_shards(root: Path, seed: int) -> Path:
+    """Small synthetic training shards with AFLW2000-3D shards (needs a running Ray): 8 images
+    x 4 views and their flips, two crops each, 30% of faces for validation, 4 test images."""
+    from preprocessing.augment import AugmentConfig
+    from preprocessing.dataflow import PreprocessConfig
+    from preprocessing.ray_preprocess import run_preprocess
+    from preprocessing.synth import SynthConfig, generate
+
+    generate(SynthConfig("300w-lp", n=8, seed=seed, views_per_face=4), root / "300W_LP")
+    generate(SynthConfig("aflw2000-3d", n=4, seed=seed + 1), root / "AFLW2000")
+    run_preprocess(str(root / "300W_LP"), str(root / "shards"),
+                   PreprocessConfig(augment=AugmentConfig(copies=2), val_fraction=0.3),
+                   aflw2000_root=str(root / "AFLW2000"))
+    return root / "shards"
+
+
 @pytest.fixture(scope="session")
 def bfm68():
     from models.morphable import MorphableModel

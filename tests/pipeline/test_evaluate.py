@@ -24,7 +24,7 @@ from preprocessing.geometry import (
 )
 from preprocessing.labels import canonical_angles, label_from_annotation
 from preprocessing.synth import SynthConfig, generate
-from tests.conftest import shared_path
+from tests.conftest import real_face_image, shared_path
 
 REPORT_KEYS = {"nme_mean_of_bins", "nme_std_of_bins", "nme_per_sample_mean", "bins", "per_image"}
 PICTURES = ("cumulative_errors.png", "nme_by_yaw.png", "landmark_overlays.png")
@@ -40,12 +40,7 @@ def peer_arguments() -> list[str]:
 @pytest.fixture(scope="module")
 def real_face_folder(tmp_path_factory):
     """image00427 as in the dataset: its 256x256 ROI crop pasted back at its ROI box (NOTE.md)."""
-    crop = cv2.imread(str(shared_path("aflw2000-3d-image00427", "image00427_roi_crop_256.png")))
-    sx, sy, ex, ey = np.load(shared_path("aflw2000-3d", "protocol", "AFLW2000-3D_crop.roi_box.npy"))[255]
-    width, height = round(ex - sx), round(ey - sy)
-    image = np.zeros((450, 450, 3), np.uint8)
-    image[round(sy):round(sy) + height, round(sx):round(sx) + width] = cv2.resize(
-        crop, (width, height), interpolation=cv2.INTER_LINEAR)
+    image = real_face_image()
     folder = tmp_path_factory.mktemp("aflw2000_real")
     cv2.imwrite(str(folder / "image00427.jpg"), image, [cv2.IMWRITE_JPEG_QUALITY, 95])
     shutil.copy(shared_path("aflw2000-3d", "mat", "image00427.mat"), folder)

@@ -18,18 +18,7 @@ from preprocessing.annotations import parse_mat
 from preprocessing.detection import HaarFaceDetector, haar_to_detector_boxes, largest_first
 from preprocessing.geometry import DETECTOR_BOX_FACTOR, DETECTOR_BOX_SHIFT, landmark_crop_box, nme
 from preprocessing.labels import image_landmarks
-from tests.conftest import shared_path
-
-
-def real_face_image() -> np.ndarray:
-    """image00427 as in the dataset (450x450): its 256x256 ROI crop pasted back at its ROI box."""
-    crop = cv2.imread(str(shared_path("aflw2000-3d-image00427", "image00427_roi_crop_256.png")))
-    sx, sy, ex, ey = np.load(shared_path("aflw2000-3d", "protocol", "AFLW2000-3D_crop.roi_box.npy"))[255]
-    width, height = round(ex - sx), round(ey - sy)
-    image = np.zeros((450, 450, 3), np.uint8)
-    image[round(sy):round(sy) + height, round(sx):round(sx) + width] = cv2.resize(
-        crop, (width, height), interpolation=cv2.INTER_LINEAR)
-    return image
+from tests.conftest import real_face_image, shared_path
 
 
 def read_mat(path: Path):

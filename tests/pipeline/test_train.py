@@ -8,23 +8,15 @@ import torch
 from models.checkpoint import load_bundle
 from pipeline.train import train
 from pipeline.train_config import DataConfig, RunConfig, ScalingConfig, TrainConfig
-from preprocessing.augment import AugmentConfig
-from preprocessing.dataflow import PreprocessConfig
-from preprocessing.ray_preprocess import run_preprocess
 from preprocessing.synth import SynthConfig, generate
+from tests.conftest import tiny_shards
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, ray_local):
-    root = tmp_path_factory.mktemp("train-data")
-    generate(SynthConfig("300w-lp", n=8, seed=31, views_per_face=4), root / "300W_LP")
-    generate(SynthConfig("aflw2000-3d", n=4, seed=32), root / "AFLW2000")
-    run_preprocess(str(root / "300W_LP"), str(root / "shards"),
-                   PreprocessConfig(augment=AugmentConfig(copies=2), val_fraction=0.3),
-                   aflw2000_root=str(root / "AFLW2000"))
-    return root / "shards"
+    return tiny_shards(tmp_path_factory.mktemp("train-data"), seed=31)
 
 
 def small_config(shards, name: str, epochs: int) -> TrainConfig:

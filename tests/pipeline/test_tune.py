@@ -19,10 +19,7 @@ import yaml
 
 from models.checkpoint import load_bundle
 from pipeline import tune as tune_stage
-from preprocessing.augment import AugmentConfig
-from preprocessing.dataflow import PreprocessConfig
-from preprocessing.ray_preprocess import run_preprocess
-from preprocessing.synth import SynthConfig, generate
+from tests.conftest import tiny_shards
 
 pytestmark = pytest.mark.slow
 # The grid runs in order: a sound learning rate, then one that blows the network up (ASHA must
@@ -35,11 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def sweep_files(tmp_path_factory, ray_local):
     root = tmp_path_factory.mktemp("tune-data")
-    generate(SynthConfig("300w-lp", n=8, seed=41, views_per_face=4), root / "300W_LP")
-    generate(SynthConfig("aflw2000-3d", n=4, seed=42), root / "AFLW2000")
-    run_preprocess(str(root / "300W_LP"), str(root / "shards"),
-                   PreprocessConfig(augment=AugmentConfig(copies=2), val_fraction=0.3),
-                   aflw2000_root=str(root / "AFLW2000"))
+    tiny_shards(root, seed=41)
     train = {"data": {"shards": str(root / "shards"), "batch_size": 8, "shuffle_buffer": 16,
                       "eval_batch_size": 16},
              "optim": {"name": "adamw", "lr": 0.001, "warmup_epochs": 0, "weight_decay": 0.0},
