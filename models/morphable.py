@@ -63,7 +63,7 @@ class MorphableModel:
     landmark_indices: np.ndarray
     triangles: np.ndarray | None = None
     mirror_ids: np.ndarray | None = None
-    _torch_cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+    _array_cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         mean = np.asarray(self.mean, dtype=np.float64)
@@ -143,7 +143,7 @@ class MorphableModel:
     def landmark_model(self) -> MorphableModel:
         """The 68-vertex model of the landmarks alone (what 3DDFA calls the ``_base`` arrays)."""
         return replace(self.subset(self.landmark_indices, name=f"{self.name}-68"),
-                       mirror_ids=IBUG_MIRROR_IDS, _torch_cache={})
+                       mirror_ids=IBUG_MIRROR_IDS, _array_cache={})
 
     def with_landmarks_from(self, other: MorphableModel, name: str | None = None) -> MorphableModel:
         """Append ``other``'s 68 landmark vertices to this model and use them as its landmarks.
@@ -168,18 +168,28 @@ class MorphableModel:
         """mean (3, M), shape basis (3, M, 40), expression basis (3, M, 10) as ``like``'s type."""
         key_ids = None if vertex_ids is None else np.asarray(vertex_ids, dtype=np.int64)
         sel = slice(None) if key_ids is None else key_ids
-        arrays = (self.mean[:, sel], self.shape_basis[:, sel], self.expression_basis[:, sel])
         if isinstance(like, np.ndarray):
-            return arrays
+            if key_ids is None:
+                return self.mean, self.shape_basis, self.expression_basis
+            # The 68 landmarks are asked for per crop in preprocessing: keep their rows gathered.
+            cache_key = ("numpy", key_ids.tobytes())
+            cached = self._array_cache.get(cache_key)
+            if cached is None:
+                cached = (self.mean[:, sel], self.shape_basis[:, sel], self.expression_basis[:, sel])
+                if len(self._array_cache) > 16:
+                    self._array_cache.clear()
+                self._array_cache[cache_key] = cached
+            return cached
+        arrays = (self.mean[:, sel], self.shape_basis[:, sel], self.expression_basis[:, sel])
         import torch  # torch only when a tensor is passed in
 
         cache_key = (like.device, like.dtype, None if key_ids is None else key_ids.tobytes())
-        cached = self._torch_cache.get(cache_key)
+        cached = self._array_cache.get(cache_key)
         if cached is None:
             cached = tuple(torch.tensor(np.array(a), dtype=like.dtype, device=like.device) for a in arrays)
-            if len(self._torch_cache) > 16:  # bounded: vertex samples change every batch in losses
-                self._torch_cache.clear()
-            self._torch_cache[cache_key] = cached
+            if len(self._array_cache) > 16:  # bounded: vertex samples change every batch in losses
+                self._array_cache.clear()
+            self._array_cache[cache_key] = cached
         return cached
 
     def shapes(self, params: Any, vertex_ids: np.ndarray | None = None) -> Any:
@@ -190,7 +200,16 @@ class MorphableModel:
         if params.shape[-1] != NUM_PARAMS:
             raise ValueError(f"expected parameters of shape (..., {NUM_PARAMS}), got {tuple(params.shape)}")
         mean, shape_basis, expression_basis = self._arrays(params, vertex_ids)
-        einsum = np.einsum if isinstance(params, np.ndarray) else _torch_einsum()
+        if isinstance(params, np.ndarray):  # one matrix product per basis (einsum is slower here)
+            lead = params.shape[:-1]
+            return (
+                mean
+                + (params[..., SHAPE_SLICE] @ shape_basis.reshape(-1, NUM_SHAPE).T
+                   ).reshape(*lead, *mean.shape)
+                + (params[..., EXPRESSION_SLICE] @ expression_basis.reshape(-1, NUM_EXPRESSION).T
+                   ).reshape(*lead, *mean.shape)
+            )
+        einsum = _torch_einsum()
         return (
             mean
             + einsum("dmk,...k->...dm", shape_basis, params[..., SHAPE_SLICE])

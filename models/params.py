@@ -108,7 +108,9 @@ def scale_rotation_from_camera(scaled_rotation: np.ndarray) -> tuple[np.ndarray,
         raise ValueError("f*R has a zero row: not a camera matrix")
     r1 = m[..., 0, :] / n1[..., None]
     r2 = m[..., 1, :] / n2[..., None]
-    r3 = np.cross(r1, r2)
+    r3 = np.stack([r1[..., 1] * r2[..., 2] - r1[..., 2] * r2[..., 1],
+                   r1[..., 2] * r2[..., 0] - r1[..., 0] * r2[..., 2],
+                   r1[..., 0] * r2[..., 1] - r1[..., 1] * r2[..., 0]], axis=-1)  # r1 x r2
     return (n1 + n2) / 2.0, np.stack([r1, r2, r3], axis=-2)
 
 

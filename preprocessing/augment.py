@@ -9,7 +9,7 @@ here is pure: randomness comes from the generator passed in.
 
 from __future__ import annotations
 
-import math
+import functools
 from dataclasses import dataclass, field
 
 import cv2
@@ -17,6 +17,7 @@ import numpy as np
 
 from models.mirror import MirrorMap, mirror_params
 from models.morphable import IBUG_MIRROR_IDS
+from models.params import NUM_PARAMS
 from preprocessing.annotations import MatAnnotation
 from preprocessing.geometry import (
     CROP_SIZE,
@@ -106,16 +107,20 @@ class AugmentedCrop:
     flipped: bool
 
 
-def jitter_transform(
-    rng: np.random.Generator, config: GeometricConfig, size: int = CROP_SIZE
+def jitter_transforms(
+    rng: np.random.Generator, config: GeometricConfig, count: int, size: int = CROP_SIZE
 ) -> np.ndarray:
-    """A random crop -> crop similarity about the crop centre: scale, rotation, then shift."""
-    scale = 1.0 / rng.uniform(1.0 - config.scale_jitter, 1.0 + config.scale_jitter)
-    angle = math.radians(rng.uniform(-config.rotation_deg, config.rotation_deg))
-    shift = rng.uniform(-config.shift_jitter, config.shift_jitter, 2) * size
+    """``count`` random crop -> crop similarities (count, 2, 3) about the crop centre: scale,
+    rotation, then shift."""
+    u = rng.random((count, 4))
+    scale = 1.0 / (1.0 - config.scale_jitter + 2.0 * config.scale_jitter * u[:, 0])
+    angle = np.radians(config.rotation_deg * (2.0 * u[:, 1] - 1.0))
+    shift = config.shift_jitter * (2.0 * u[:, 2:4] - 1.0) * size
+    cos, sin = scale * np.cos(angle), scale * np.sin(angle)
+    linear = np.stack([np.stack([cos, -sin], axis=-1), np.stack([sin, cos], axis=-1)], axis=-2)
     centre = np.array([size / 2.0, size / 2.0])
-    linear = scale * np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
-    return np.concatenate([linear, (centre - linear @ centre - shift)[:, None]], axis=1)
+    offset = centre - linear @ centre - shift
+    return np.concatenate([linear, offset[..., None]], axis=-1)
 
 
 def flip_crop_transform(size: int = CROP_SIZE) -> np.ndarray:
@@ -123,25 +128,61 @@ def flip_crop_transform(size: int = CROP_SIZE) -> np.ndarray:
     return np.array([[-1.0, 0.0, size + 1.0], [0.0, 1.0, 0.0]])
 
 
+# White noise is drawn once per process (fixed seed) and each noisy crop takes a window of it
+# at a random offset: drawing 43,200 normal deviates per crop cost more than everything else a
+# crop gets. Windows of one 512x512 field still give every crop its own noise pattern.
+NOISE_FIELD_SIDE = 512
+
+
+@functools.cache
+def _noise_field() -> np.ndarray:
+    return np.random.default_rng(0x5EED).standard_normal((NOISE_FIELD_SIDE, NOISE_FIELD_SIDE, 3),
+                                                        dtype=np.float32)
+
+
+def _noise(shape: tuple[int, ...], u_top: float, u_left: float, rng: np.random.Generator) -> np.ndarray:
+    """Unit white noise of ``shape`` (H, W, 3): a window of the shared field where it fits."""
+    height, width = shape[:2]
+    field = _noise_field()
+    if height > field.shape[0] or width > field.shape[1] or shape[2:] != (3,):
+        return rng.standard_normal(shape, dtype=np.float32)
+    top = int(u_top * (field.shape[0] - height + 1))
+    left = int(u_left * (field.shape[1] - width + 1))
+    return field[top:top + height, left:left + width]
+
+
 def photometric(image: np.ndarray, rng: np.random.Generator, config: PhotometricConfig) -> np.ndarray:
-    """Brightness, contrast, colour, then blur, noise and an occluding patch, each by chance."""
-    out = image.astype(np.float32)
-    gain = rng.uniform(1.0 - config.contrast, 1.0 + config.contrast)
-    out = (out - out.mean()) * gain + out.mean()
-    out = out * rng.uniform(1.0 - config.colour, 1.0 + config.colour, 3).astype(np.float32)
-    out = out + np.float32(rng.uniform(-config.brightness, config.brightness) * 255.0)
-    if rng.random() < config.blur_probability and config.blur_sigma_max > 0:
-        out = cv2.GaussianBlur(out, (0, 0), rng.uniform(0.3, config.blur_sigma_max))
-    if rng.random() < config.noise_probability and config.noise_sigma_max > 0:
-        sigma = rng.uniform(0.0, config.noise_sigma_max)
-        out = out + rng.normal(0.0, sigma, out.shape).astype(np.float32)
-    if rng.random() < config.occlusion_probability:
+    """Brightness, contrast, colour, then blur, noise and an occluding patch, each by chance.
+
+    ``image`` is (H, W, 3) uint8. Contrast (about the image mean), colour gain and brightness
+    are one per-channel map of the 256 grey levels, applied as a lookup table; the generator
+    gives the same number of draws whatever is chosen, so one crop's choices never shift the next.
+    """
+    u = rng.random(19)
+
+    def between(lo: float, hi: float, value: float) -> float:
+        return lo + (hi - lo) * value
+
+    gain = between(1.0 - config.contrast, 1.0 + config.contrast, u[0])
+    colour = 1.0 - config.colour + 2.0 * config.colour * u[1:4]
+    shift = between(-config.brightness, config.brightness, u[4]) * 255.0
+    mean = float(image[::2, ::2].mean())  # the contrast pivot: every fourth pixel is plenty
+    levels = np.arange(256.0)[:, None]
+    table = ((levels - mean) * gain + mean) * colour + shift  # (256, 3)
+    out = cv2.LUT(image, np.clip(table + 0.5, 0, 255).astype(np.uint8).reshape(1, 256, 3))
+    if u[5] < config.blur_probability and config.blur_sigma_max > 0:
+        out = cv2.GaussianBlur(out, (0, 0), between(0.3, config.blur_sigma_max, u[6]))
+    if u[7] < config.noise_probability and config.noise_sigma_max > 0:
+        sigma = u[8] * config.noise_sigma_max
+        out = cv2.add(out, _noise(out.shape, u[9], u[10], rng) * np.float32(sigma), dtype=cv2.CV_8U)
+    if u[11] < config.occlusion_probability:
         height, width = out.shape[:2]
-        side_h, side_w = (rng.uniform(0.1, config.occlusion_max_fraction, 2) * [height, width]).astype(int)
-        top = rng.integers(0, height - side_h + 1)
-        left = rng.integers(0, width - side_w + 1)
-        out[top:top + side_h, left:left + side_w] = rng.uniform(0, 255, 3).astype(np.float32)
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+        side_h = int(between(0.1, config.occlusion_max_fraction, u[12]) * height)
+        side_w = int(between(0.1, config.occlusion_max_fraction, u[13]) * width)
+        top = int(u[14] * (height - side_h + 1))
+        left = int(u[15] * (width - side_w + 1))
+        out[top:top + side_h, left:left + side_w] = (u[16:19] * 255.0).astype(np.uint8)
+    return out
 
 
 def augment(
@@ -160,22 +201,28 @@ def augment(
     """
     if config.geometric.flip_probability > 0 and mirror is None:
         raise ValueError("flip_probability > 0 needs the morphable model's mirror map")
-    base_transform = box_transform(box, size)
+    count = config.copies
+    plain = np.zeros(count, dtype=bool)
+    plain[0] = config.keep_original
+    # The geometry of all crops at once: jitter, image -> crop transforms, labels, flips.
+    jitters = np.broadcast_to(IDENTITY_TRANSFORM, (count, 2, 3)).copy()
     base_label = label_from_annotation(annotation, box, image.shape[0], size)
+    labels = np.broadcast_to(base_label, (count, NUM_PARAMS)).copy()
+    if not plain.all():
+        jitters[~plain] = jitter_transforms(rng, config.geometric, int((~plain).sum()), size)
+        labels[~plain] = transform_label(labels[~plain], jitters[~plain], size)
+    flips = ~plain & (rng.random(count) < config.geometric.flip_probability)
+    transforms = compose_transforms(jitters, box_transform(box, size))
+    if flips.any():
+        labels[flips] = mirror_params(labels[flips], mirror, size)
     crops = []
-    for index in range(config.copies):
-        plain = index == 0 and config.keep_original
-        jitter = IDENTITY_TRANSFORM if plain else jitter_transform(rng, config.geometric, size)
-        transform = compose_transforms(jitter, base_transform)
-        label = transform_label(base_label, jitter, size)
-        crop = warp_image(image, transform, size)
-        flipped = not plain and rng.random() < config.geometric.flip_probability
-        if flipped:
-            crop = np.ascontiguousarray(crop[:, ::-1])
-            label = mirror_params(label, mirror, size)
-        if not plain:
+    for index in range(count):
+        crop = warp_image(image, transforms[index], size)
+        if flips[index]:
+            crop = cv2.flip(crop, 1)
+        if not plain[index]:
             crop = photometric(crop, rng, config.photometric)
-        crops.append(AugmentedCrop(index, crop, label, transform, flipped))
+        crops.append(AugmentedCrop(index, crop, labels[index], transforms[index], bool(flips[index])))
     return crops
 
 

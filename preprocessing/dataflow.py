@@ -93,6 +93,11 @@ def _check_face(annotation: MatAnnotation, landmarks: np.ndarray) -> None:
                                 f"degenerate landmarks (extent {extent.round(2).tolist()} px)")
 
 
+def _check_labels(labels: np.ndarray, source_file: str) -> None:
+    if not np.all(np.isfinite(labels)):
+        raise InvalidValueError(source_file, "label holds NaN or inf")
+
+
 def _relative(path: str, root: str) -> str:
     return path[len(root) + 1:] if path.startswith(root + "/") else path
 
@@ -178,6 +183,8 @@ class ShardProcessor:
             folder = ref.subset + ("_Flip" if ref.flipped else "")
             summary["by_subset"][folder] = summary["by_subset"].get(folder, 0) + 1
         for key, key_rows in rows.items():
+            if key != "quarantine":
+                self._complete(key_rows)
             writers[key].write_rows(key_rows)
         train_labels += [row["label"] for row in rows.get("train", [])]
 
@@ -195,23 +202,24 @@ class ShardProcessor:
         source_key = int.from_bytes(hashlib.sha256(stem.encode()).digest()[:4], "big")
         rng = np.random.default_rng([self.config.seed, source_key])
         split = split_of(ref.subject_id, self.config.val_fraction)
-        out = []
-        for crop in augment(image, annotation, box, self.config.augment, rng, self.mirror):
-            out.append((split, self._row(crop.image, crop.label, f"{stem}#{crop.index}", base,
-                                          augmentation_index=crop.index, flipped=crop.flipped)))
-        return out
+        crops = augment(image, annotation, box, self.config.augment, rng, self.mirror)
+        _check_labels(np.stack([crop.label for crop in crops]), base["source_file"])
+        return [(split, {"id": f"{stem}#{crop.index}", **base, "augmentation_index": crop.index,
+                         "flipped": crop.flipped, "image": crop.image, "label": crop.label})
+                for crop in crops]
 
-    def _row(self, image: np.ndarray, label: np.ndarray, row_id: str, base: dict, **extra) -> dict:
-        if not np.all(np.isfinite(label)):
-            raise InvalidValueError(base["source_file"], "label holds NaN or inf")
-        pitch, yaw, roll = pose_angles(label)
-        return {
-            "id": row_id, **base, **extra,
-            "image": encode_image(image, self.config.image_format, self.config.jpeg_quality),
-            "label": label.astype(np.float32),
-            "landmarks": crop_landmarks(self.model, label).astype(np.float32),
-            "pitch": pitch, "yaw": yaw, "roll": roll,
-        }
+    def _complete(self, rows: list[dict]) -> None:
+        """Encode each row's crop and add what follows from its label (landmarks, angles): a batch
+        of rows at once, as the per-row numpy calls cost more than their arithmetic."""
+        if not rows:
+            return
+        labels = np.stack([row["label"] for row in rows])
+        angles = pose_angles(labels).astype(np.float32)
+        landmarks = crop_landmarks(self.model, labels).astype(np.float32)
+        for row, points, (pitch, yaw, roll) in zip(rows, landmarks, angles, strict=True):
+            row.update(image=encode_image(row["image"], self.config.image_format, self.config.jpeg_quality),
+                       label=row["label"].astype(np.float32), landmarks=points,
+                       pitch=pitch, yaw=yaw, roll=roll)
 
     def _evaluation_row(self, image: np.ndarray, annotation: MatAnnotation, stem: str, base: dict) -> dict:
         if annotation.pt3d_68 is None:
@@ -221,7 +229,9 @@ class ShardProcessor:
         yaw = abs(np.rad2deg(canonical_angles(annotation.pose_para)[1]))
         pt2d = annotation.pt2d if annotation.pt2d is not None and annotation.pt2d.shape == (2, 21) \
             else np.full((2, 21), -1.0)
-        return self._row(crop_image(image, box), label, stem, base, augmentation_index=0, flipped=False) | {
+        return {
+            "id": stem, **base, "augmentation_index": 0, "flipped": False,
+            "image": crop_image(image, box), "label": label,
             "roi_box": box, "pt3d_68": annotation.pt3d_68, "pt2d": pt2d,
             "yaw_bin": int(min(np.searchsorted([30.0, 60.0], yaw, side="left"), 2)),
         }

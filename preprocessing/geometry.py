@@ -93,9 +93,9 @@ def crop_to_image(points: np.ndarray, box: np.ndarray, size: int = CROP_SIZE) ->
 
 
 def param_frame_to_crop(points: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
-    """Points in the parameter's frame (y up) (3, K) -> crop coordinates (y down)."""
+    """Points in the parameter's frame (y up) (..., 3, K) -> crop coordinates (y down)."""
     out = np.array(points, dtype=np.float64, copy=True)
-    out[1] = size + 1 - out[1]
+    out[..., 1, :] = size + 1 - out[..., 1, :]
     return out
 
 
@@ -133,8 +133,9 @@ def box_transform(box: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
 
 
 def compose_transforms(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
-    """2x3 affines: ``outer`` applied after ``inner``."""
-    return np.concatenate([outer[:, :2] @ inner[:, :2], outer[:, :2] @ inner[:, 2:] + outer[:, 2:]], axis=1)
+    """2x3 affines (..., 2, 3): ``outer`` applied after ``inner``."""
+    return np.concatenate([outer[..., :2] @ inner[..., :2], outer[..., :2] @ inner[..., 2:] + outer[..., 2:]],
+                          axis=-1)
 
 
 def apply_transform(transform: np.ndarray, points: np.ndarray) -> np.ndarray:

@@ -124,18 +124,23 @@ def transform_label(label: np.ndarray, transform: np.ndarray, size: int = CROP_S
     In the parameter's y-up frame ``G = D K D`` with ``D = diag(1, -1)``: rows 0-1 of f*R become
     ``G`` times them, row 2 and tz scale by ``sqrt|det K|``, and the translation follows the
     frame's ``y = size + 1 - row``. A rotation or scale of the crop thus changes P only.
+    Labels (..., 62) and transforms (..., 2, 3) broadcast against each other.
     """
     label = np.asarray(label, dtype=np.float64)
-    linear, offset = transform[:, :2], transform[:, 2]
+    transform = np.asarray(transform, dtype=np.float64)
+    lead = np.broadcast_shapes(label.shape[:-1], transform.shape[:-2])
+    label = np.broadcast_to(label, (*lead, label.shape[-1]))
+    linear, offset = transform[..., :2], transform[..., 2]
     flip_y = np.diag([1.0, -1.0])
     g = flip_y @ linear @ flip_y
-    s = np.sqrt(abs(np.linalg.det(linear)))
+    s = np.sqrt(np.abs(np.linalg.det(linear)))[..., None]
     scaled_rotation, translation, alpha_shp, alpha_exp = split_params(label)
-    new_rotation = scaled_rotation.copy()
-    new_rotation[:2] = g @ scaled_rotation[:2]
-    new_rotation[2] = s * scaled_rotation[2]
+    new_rotation = np.empty(scaled_rotation.shape)
+    new_rotation[..., :2, :] = g @ scaled_rotation[..., :2, :]
+    new_rotation[..., 2, :] = s * scaled_rotation[..., 2, :]
     top = np.array([0.0, size + 1.0])
-    new_translation = np.empty(3)
-    new_translation[:2] = g @ translation[:2] - g @ top + flip_y @ offset + top
-    new_translation[2] = s * translation[2]
+    new_translation = np.empty(translation.shape)
+    new_translation[..., :2] = ((g @ (translation[..., :2] - top)[..., None])[..., 0]
+                                + offset * [1.0, -1.0] + top)
+    new_translation[..., 2] = s[..., 0] * translation[..., 2]
     return compose_params(new_rotation, new_translation, alpha_shp, alpha_exp)

@@ -10,6 +10,7 @@ from preprocessing.augment import (
     PhotometricConfig,
     augment,
     expected_crop_landmarks,
+    photometric,
 )
 from preprocessing.datasets import list_300w_lp, read_annotation, read_image
 from preprocessing.geometry import landmark_crop_box
@@ -78,6 +79,39 @@ def test_photometric_changes_pixels_only(faces, synthetic_head):
     for crop in crops[1:]:
         np.testing.assert_allclose(crop.label, crops[0].label, atol=1e-9)
         assert np.abs(crop.image.astype(int) - crops[0].image).mean() > 2.0
+
+
+def test_photometric_strengths_match_the_config():
+    """Each photometric change does what its setting says, measured on a flat grey crop: the
+    additive noise has the drawn sigma and differs from crop to crop (windows of one noise field),
+    contrast and colour are exact per-channel gains, and an occluding patch is one flat block."""
+    grey = np.full((120, 120, 3), 128, dtype=np.uint8)
+    rng = np.random.default_rng(3)
+    only_noise = PhotometricConfig(brightness=0, contrast=0, colour=0, blur_probability=0,
+                                   noise_probability=1, noise_sigma_max=20.0, occlusion_probability=0)
+    noisy = [photometric(grey, rng, only_noise).astype(float) - 128 for _ in range(40)]
+    sigmas = np.array([n.std() for n in noisy])
+    assert sigmas.max() <= 20.5 and sigmas.max() > 15 and 8 < sigmas.mean() < 12  # sigma ~ U[0, 20]
+    assert all(abs(n.mean()) < 0.5 for n in noisy if n.std() > 2)
+    assert abs(np.corrcoef(noisy[0].ravel(), noisy[1].ravel())[0, 1]) < 0.1
+
+    ramp = np.broadcast_to(np.arange(40, 220, 1.5)[:, None, None], (120, 120, 3)).astype(np.uint8)
+    gains = PhotometricConfig(brightness=0, contrast=0.3, colour=0.1, blur_probability=0,
+                              noise_probability=0, occlusion_probability=0)
+    out = photometric(ramp, np.random.default_rng(8), gains).astype(float)
+    for channel in range(3):  # an affine map of the grey levels, rounded: slope in the gain range
+        slope, _ = np.polyfit(ramp[:, 0, channel], out[:, 0, channel], 1)
+        assert 0.7 * 0.9 - 0.01 < slope < 1.3 * 1.1 + 0.01
+        fit = np.polyval(np.polyfit(ramp[:, 0, channel], out[:, 0, channel], 1), ramp[:, 0, channel])
+        assert np.abs(fit - out[:, 0, channel]).max() <= 1.0
+
+    patch = PhotometricConfig(brightness=0, contrast=0, colour=0, blur_probability=0, noise_probability=0,
+                              occlusion_probability=1, occlusion_max_fraction=0.35)
+    out = photometric(grey, np.random.default_rng(1), patch)
+    changed = np.argwhere(np.any(out != 128, axis=2))
+    (top, left), (bottom, right) = changed.min(axis=0), changed.max(axis=0) + 1
+    assert 12 <= bottom - top <= 42 and 12 <= right - left <= 42
+    assert len(np.unique(out[top:bottom, left:right].reshape(-1, 3), axis=0)) == 1
 
 
 def test_same_generator_same_crops_and_flip_needs_a_mirror(faces):
