@@ -13,6 +13,7 @@ vectors; the loaders convert. Everything works on numpy arrays and, unchanged, o
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -172,24 +173,23 @@ class MorphableModel:
             if key_ids is None:
                 return self.mean, self.shape_basis, self.expression_basis
             # The 68 landmarks are asked for per crop in preprocessing: keep their rows gathered.
-            cache_key = ("numpy", key_ids.tobytes())
-            cached = self._array_cache.get(cache_key)
-            if cached is None:
-                cached = (self.mean[:, sel], self.shape_basis[:, sel], self.expression_basis[:, sel])
-                if len(self._array_cache) > 16:
-                    self._array_cache.clear()
-                self._array_cache[cache_key] = cached
-            return cached
-        arrays = (self.mean[:, sel], self.shape_basis[:, sel], self.expression_basis[:, sel])
+            return self._cached(("numpy", key_ids.tobytes()), lambda: (
+                self.mean[:, sel], self.shape_basis[:, sel], self.expression_basis[:, sel]))
         import torch  # torch only when a tensor is passed in
 
-        cache_key = (like.device, like.dtype, None if key_ids is None else key_ids.tobytes())
-        cached = self._array_cache.get(cache_key)
+        arrays = (self.mean, self.shape_basis, self.expression_basis)
+        return self._cached(
+            (like.device, like.dtype, None if key_ids is None else key_ids.tobytes()),
+            lambda: tuple(torch.tensor(np.array(a[:, sel]), dtype=like.dtype, device=like.device)
+                          for a in arrays))
+
+    def _cached(self, key: Any, build: Callable[[], Any]) -> Any:
+        cached = self._array_cache.get(key)
         if cached is None:
-            cached = tuple(torch.tensor(np.array(a), dtype=like.dtype, device=like.device) for a in arrays)
+            cached = build()
             if len(self._array_cache) > 16:  # bounded: vertex samples change every batch in losses
                 self._array_cache.clear()
-            self._array_cache[cache_key] = cached
+            self._array_cache[key] = cached
         return cached
 
     def shapes(self, params: Any, vertex_ids: np.ndarray | None = None) -> Any:
