@@ -30,11 +30,18 @@ from models.mirror import mirror_map
 from models.morphable import MorphableModel
 from models.params import NUM_PARAMS, ParamStats, pose_angles
 from preprocessing.annotations import MatAnnotation
-from preprocessing.augment import AugmentConfig, augment
+from preprocessing.augment import AugmentConfig, plan_crops, render_crops
 from preprocessing.datasets import SampleRef, read_annotation, read_image, resolve
 from preprocessing.errors import DatasetError, InvalidValueError
 from preprocessing.geometry import crop_image, landmark_crop_box
-from preprocessing.labels import canonical_angles, crop_landmarks, image_landmarks, label_from_annotation
+from preprocessing.labels import (
+    annotation_arrays,
+    canonical_angles,
+    crop_landmarks,
+    label_from_annotation,
+    labels_from_poses,
+    posed_landmarks,
+)
 from preprocessing.shards import (
     QUARANTINE_SCHEMA,
     AtomicParquetWriter,
@@ -93,11 +100,6 @@ def _check_face(annotation: MatAnnotation, landmarks: np.ndarray) -> None:
                                 f"degenerate landmarks (extent {extent.round(2).tolist()} px)")
 
 
-def _check_labels(labels: np.ndarray, source_file: str) -> None:
-    if not np.all(np.isfinite(labels)):
-        raise InvalidValueError(source_file, "label holds NaN or inf")
-
-
 def _relative(path: str, root: str) -> str:
     return path[len(root) + 1:] if path.startswith(root + "/") else path
 
@@ -119,6 +121,28 @@ class ShardJob:
     def sources_digest(self) -> str:
         names = "\n".join(ref.mat_path for ref in self.refs)
         return "sha256:" + hashlib.sha256(names.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Face:
+    """One source that read, decoded and passed the landmark check, with its arrays."""
+
+    ref: SampleRef
+    source: str  # the .mat, relative to the input root
+    annotation: MatAnnotation
+    image: np.ndarray  # (H, W, 3) uint8 BGR
+    pose: np.ndarray  # (7,) Pose_Para
+    params: np.ndarray  # (62,) shape and expression parameters, P zero
+    truth: np.ndarray  # (3, 68) landmarks in image coordinates
+
+    @property
+    def stem(self) -> str:
+        return self.source.rsplit(".", 1)[0]
+
+    @property
+    def stream_key(self) -> int:
+        """A 32-bit key of the source's name: its augmentation stream's seed."""
+        return int.from_bytes(hashlib.sha256(self.stem.encode()).digest()[:4], "big")
 
 
 class ShardProcessor:
@@ -166,21 +190,29 @@ class ShardProcessor:
 
     def _process_batch(self, filesystem, root, job, batch, writers, summary, train_labels) -> None:
         rows: dict[str, list[dict]] = {key: [] for key in writers}
-        for ref in batch:
-            source = _relative(ref.mat_path, root)
-            try:
-                produced = self._rows_of(filesystem, ref, source, job.kind)
-            except DatasetError as err:
-                if self.strict:
-                    raise
-                rows["quarantine"].append({"file": _relative(err.path, root), "stage": err.stage,
-                                           "reason": err.reason})
-                summary["quarantined"] += 1
-                continue
-            for key, row in produced:
+
+        def quarantine(err: DatasetError) -> None:
+            if self.strict:
+                raise err
+            rows["quarantine"].append({"file": _relative(err.path, root), "stage": err.stage,
+                                       "reason": err.reason})
+            summary["quarantined"] += 1
+
+        faces = self._read_faces(filesystem, root, batch, quarantine)
+        if job.kind == "aflw2000":
+            produced = []
+            for face in faces:
+                try:
+                    produced.append((face, [("aflw2000", self._evaluation_row(face))]))
+                except DatasetError as err:
+                    quarantine(err)
+        else:
+            produced = self._training_rows(faces, quarantine)
+        for face, face_rows in produced:
+            for key, row in face_rows:
                 rows[key].append(row)
             summary["written"] += 1
-            folder = ref.subset + ("_Flip" if ref.flipped else "")
+            folder = face.ref.subset + ("_Flip" if face.ref.flipped else "")
             summary["by_subset"][folder] = summary["by_subset"].get(folder, 0) + 1
         for key, key_rows in rows.items():
             if key != "quarantine":
@@ -188,25 +220,56 @@ class ShardProcessor:
             writers[key].write_rows(key_rows)
         train_labels += [row["label"] for row in rows.get("train", [])]
 
-    def _rows_of(self, filesystem, ref: SampleRef, source: str, kind: str) -> list[tuple[str, dict]]:
-        annotation = read_annotation(filesystem, ref)
-        image = read_image(filesystem, ref)
-        truth = image_landmarks(self.model, annotation, image.shape[0])
-        _check_face(annotation, truth)
-        stem = source.rsplit(".", 1)[0]
-        base = {"source_file": source, "subset": ref.subset, "subject_id": ref.subject_id}
-        if kind == "aflw2000":
-            return [("aflw2000", self._evaluation_row(image, annotation, stem, base))]
-        box = landmark_crop_box(truth)
+    def _read_faces(self, filesystem, root: str, batch: list[SampleRef], quarantine) -> list[Face]:
+        """Read, decode and check a batch of sources; a bad one goes to ``quarantine``."""
+        read = []
+        for ref in batch:
+            try:
+                annotation = read_annotation(filesystem, ref)
+                read.append((ref, annotation, read_image(filesystem, ref)))
+            except DatasetError as err:
+                quarantine(err)
+        if not read:
+            return []
+        poses, params = annotation_arrays([annotation for _, annotation, _ in read])
+        heights = np.array([image.shape[0] for _, _, image in read])
+        truths = posed_landmarks(self.model, poses, params, heights)
+        faces = []
+        for (ref, annotation, image), pose, param, truth in zip(read, poses, params, truths, strict=True):
+            try:
+                _check_face(annotation, truth)
+            except DatasetError as err:
+                quarantine(err)
+                continue
+            source = _relative(ref.mat_path, root)
+            faces.append(Face(ref, source, annotation, image, pose, param, truth))
+        return faces
+
+    def _training_rows(self, faces: list[Face], quarantine) -> list[tuple[Face, list[tuple[str, dict]]]]:
+        """The augmented crops of a batch of checked faces, their geometry planned all at once."""
+        if not faces:
+            return []
+        boxes = landmark_crop_box(np.stack([face.truth for face in faces]))
+        heights = np.array([face.image.shape[0] for face in faces])
+        base_labels = labels_from_poses(np.stack([face.pose for face in faces]),
+                                        np.stack([face.params for face in faces]), boxes, heights)
         # Each source's own stream, so its crops never depend on which shard or task ran it.
-        source_key = int.from_bytes(hashlib.sha256(stem.encode()).digest()[:4], "big")
-        rng = np.random.default_rng([self.config.seed, source_key])
-        split = split_of(ref.subject_id, self.config.val_fraction)
-        crops = augment(image, annotation, box, self.config.augment, rng, self.mirror)
-        _check_labels(np.stack([crop.label for crop in crops]), base["source_file"])
-        return [(split, {"id": f"{stem}#{crop.index}", **base, "augmentation_index": crop.index,
-                         "flipped": crop.flipped, "image": crop.image, "label": crop.label})
-                for crop in crops]
+        rngs = [np.random.default_rng([self.config.seed, face.stream_key]) for face in faces]
+        plan = plan_crops(base_labels, boxes, self.config.augment, rngs, self.mirror)
+        finite = np.isfinite(plan.labels).all(axis=(1, 2))
+        produced = []
+        for k, face in enumerate(faces):
+            if not finite[k]:
+                quarantine(InvalidValueError(face.annotation.path, "label holds NaN or inf"))
+                continue
+            split = split_of(face.ref.subject_id, self.config.val_fraction)
+            crops = render_crops(face.image, plan, k, self.config.augment.photometric, rngs[k])
+            base = {"source_file": face.source, "subset": face.ref.subset, "subject_id": face.ref.subject_id}
+            produced.append((face, [(split, {"id": f"{face.stem}#{crop.index}", **base,
+                                             "augmentation_index": crop.index, "flipped": crop.flipped,
+                                             "image": crop.image, "label": crop.label})
+                                    for crop in crops]))
+        return produced
 
     def _complete(self, rows: list[dict]) -> None:
         """Encode each row's crop and add what follows from its label (landmarks, angles): a batch
@@ -221,7 +284,8 @@ class ShardProcessor:
                        label=row["label"].astype(np.float32), landmarks=points,
                        pitch=pitch, yaw=yaw, roll=roll)
 
-    def _evaluation_row(self, image: np.ndarray, annotation: MatAnnotation, stem: str, base: dict) -> dict:
+    def _evaluation_row(self, face: Face) -> dict:
+        annotation, image = face.annotation, face.image
         if annotation.pt3d_68 is None:
             raise InvalidValueError(annotation.path, "field 'pt3d_68' is missing")
         box = landmark_crop_box(annotation.pt3d_68)  # the benchmark's ROI rule
@@ -230,7 +294,8 @@ class ShardProcessor:
         pt2d = annotation.pt2d if annotation.pt2d is not None and annotation.pt2d.shape == (2, 21) \
             else np.full((2, 21), -1.0)
         return {
-            "id": stem, **base, "augmentation_index": 0, "flipped": False,
+            "id": face.stem, "source_file": face.source, "subset": face.ref.subset,
+            "subject_id": face.ref.subject_id, "augmentation_index": 0, "flipped": False,
             "image": crop_image(image, box), "label": label,
             "roi_box": box, "pt3d_68": annotation.pt3d_68, "pt2d": pt2d,
             "yaw_bin": int(min(np.searchsorted([30.0, 60.0], yaw, side="left"), 2)),

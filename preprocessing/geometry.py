@@ -30,26 +30,26 @@ def _check_box(box: np.ndarray) -> np.ndarray:
     box = np.asarray(box, dtype=np.float64)
     if box.shape[-1] != 4:
         raise ValueError(f"a box is (sx, sy, ex, ey); got shape {box.shape}")
-    if np.any(box[..., 2] <= box[..., 0]) or np.any(box[..., 3] <= box[..., 1]):
-        raise ValueError(f"degenerate box (ex <= sx or ey <= sy): {box.tolist()}")
+    if not np.all(box[..., 2:] > box[..., :2]):  # one call: this runs for every crop
+        raise ValueError(f"degenerate box (ex <= sx or ey <= sy, or not finite): {box.tolist()}")
     return box
 
 
 def landmark_crop_box(landmarks: np.ndarray) -> np.ndarray:
-    """Square crop box from 2D landmarks (2 or 3, K) -> (4,): 3DDFA's benchmark ROI rule.
+    """Square crop box from 2D landmarks (..., 2 or 3, K) -> (..., 4): 3DDFA's benchmark ROI rule.
 
     bbox of the landmarks, centre c, ``r = max(w, h) / 2``, side ``L = sqrt(2) * 2r``.
     """
-    points = np.asarray(landmarks, dtype=np.float64)[:2]
-    if points.ndim != 2 or points.shape[1] < 2 or not np.all(np.isfinite(points)):
-        raise ValueError(f"expected finite landmarks of shape (2, K>=2), got {points.shape}")
-    lo, hi = points.min(axis=1), points.max(axis=1)
+    points = np.asarray(landmarks, dtype=np.float64)[..., :2, :]
+    if points.ndim < 2 or points.shape[-1] < 2 or not np.all(np.isfinite(points)):
+        raise ValueError(f"expected finite landmarks of shape (..., 2, K>=2), got {points.shape}")
+    lo, hi = points.min(axis=-1), points.max(axis=-1)
     centre = (lo + hi) / 2.0
-    radius = max(hi - lo) / 2.0
-    if radius <= 0:
+    radius = (hi - lo).max(axis=-1) / 2.0
+    if np.any(radius <= 0):
         raise ValueError("degenerate landmarks: all points coincide")
-    half = LANDMARK_BOX_FACTOR * radius
-    return np.array([centre[0] - half, centre[1] - half, centre[0] + half, centre[1] + half])
+    half = (LANDMARK_BOX_FACTOR * radius)[..., None]
+    return np.concatenate([centre - half, centre + half], axis=-1)
 
 
 def detector_crop_box(detection: np.ndarray) -> np.ndarray:
@@ -62,10 +62,10 @@ def detector_crop_box(detection: np.ndarray) -> np.ndarray:
     return np.array([cx - half, cy - half, cx + half, cy + half])
 
 
-def box_scales(box: np.ndarray, size: int = CROP_SIZE) -> tuple[float, float]:
-    """Image -> crop scale factors (s_x, s_y) of a box."""
-    sx, sy, ex, ey = _check_box(box)
-    return size / (ex - sx), size / (ey - sy)
+def box_scales(box: np.ndarray, size: int = CROP_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """Image -> crop scale factors (s_x, s_y) of boxes (..., 4), each of shape (...)."""
+    box = _check_box(box)
+    return size / (box[..., 2] - box[..., 0]), size / (box[..., 3] - box[..., 1])
 
 
 def image_to_crop(points: np.ndarray, box: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
@@ -127,9 +127,14 @@ def nme(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
 
 
 def box_transform(box: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
-    """2x3 affine ``[M | d]`` taking image coordinates to crop coordinates (both 1-based)."""
+    """2x3 affines ``[M | d]`` (..., 2, 3) taking image coordinates to crop coordinates (both
+    1-based) for boxes (..., 4)."""
+    box = _check_box(box)
     s_x, s_y = box_scales(box, size)
-    return np.array([[s_x, 0.0, -s_x * box[0]], [0.0, s_y, -s_y * box[1]]])
+    out = np.zeros((*box.shape[:-1], 2, 3))
+    out[..., 0, 0], out[..., 0, 2] = s_x, -s_x * box[..., 0]
+    out[..., 1, 1], out[..., 1, 2] = s_y, -s_y * box[..., 1]
+    return out
 
 
 def compose_transforms(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
@@ -151,7 +156,7 @@ def apply_transform(transform: np.ndarray, points: np.ndarray) -> np.ndarray:
 def warp_image(image: np.ndarray, transform: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
     """Sample a (size, size) crop of ``image`` through a 1-based image -> crop affine (bilinear,
     black outside). In 0-based array positions ``c' = L c + L 1 + d - 1``."""
-    linear, offset = transform[:, :2], transform[:, 2]
-    matrix = np.concatenate([linear, (linear @ np.ones(2) + offset - 1.0)[:, None]], axis=1)
+    matrix = np.array(transform, dtype=np.float64)
+    matrix[:, 2] += matrix[:, 0] + matrix[:, 1] - 1.0
     return cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR,
                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)

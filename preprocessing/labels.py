@@ -16,12 +16,17 @@ so that the label's landmarks, mapped to crop pixels (``y_crop = 121 - y``, see
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from models.morphable import MorphableModel
 from models.params import (
+    EXPRESSION_SLICE,
     NUM_EXPRESSION,
+    NUM_PARAMS,
     NUM_SHAPE,
+    SHAPE_SLICE,
     angles_from_rotation,
     compose_params,
     rotation_from_angles,
@@ -33,39 +38,66 @@ from preprocessing.errors import InvalidValueError
 from preprocessing.geometry import CROP_SIZE, box_scales, crop_to_image, param_frame_to_crop
 
 
-def image_landmarks(model: MorphableModel, annotation: MatAnnotation, image_height: int) -> np.ndarray:
-    """The 68 landmarks the annotation's parameters give, in image coordinates (3, 68).
+def annotation_arrays(annotations: Sequence[MatAnnotation]) -> tuple[np.ndarray, np.ndarray]:
+    """The ``Pose_Para`` (B, 7) of annotations and their 62-d parameters with P left zero (B, 62)."""
+    poses = np.array([annotation.pose_para[:7] for annotation in annotations], dtype=np.float64)
+    params = np.zeros((len(annotations), NUM_PARAMS))
+    for row, annotation in zip(params, annotations, strict=True):
+        row[SHAPE_SLICE] = annotation.shape_para[:NUM_SHAPE]
+        row[EXPRESSION_SLICE] = annotation.exp_para[:NUM_EXPRESSION]
+    return poses.reshape(-1, 7), params
 
-    Row y is the image row (1-based, down); z is the rotated, scaled depth (toward the camera).
-    """
-    pitch, yaw, roll, tx, ty, tz, scale = annotation.pose_para
-    params = np.zeros(62)
-    params[12:12 + NUM_SHAPE] = annotation.shape_para[:NUM_SHAPE]
-    params[12 + NUM_SHAPE:] = annotation.exp_para[:NUM_EXPRESSION]
+
+def posed_landmarks(
+    model: MorphableModel, poses: np.ndarray, params: np.ndarray, image_heights: np.ndarray
+) -> np.ndarray:
+    """The 68 landmarks of ``Pose_Para`` (..., 7) and shape / expression parameters (..., 62) in
+    image coordinates (..., 3, 68): row y is the image row (1-based, down), z the rotated,
+    scaled depth (toward the camera)."""
+    pitch, yaw, roll, tx, ty, tz, scale = np.moveaxis(np.asarray(poses, dtype=np.float64), -1, 0)
     shape = model.shapes(params, model.landmark_indices)
-    points = scale * rotation_from_angles(pitch, yaw, roll) @ shape + np.array([[tx], [ty], [tz]])
-    points[1] = image_height + 1 - points[1]
+    points = scale[..., None, None] * (rotation_from_angles(pitch, yaw, roll) @ shape)
+    points += np.stack([tx, ty, tz], axis=-1)[..., None]
+    points[..., 1, :] = np.asarray(image_heights, dtype=np.float64)[..., None] + 1 - points[..., 1, :]
     return points
+
+
+def image_landmarks(model: MorphableModel, annotation: MatAnnotation, image_height: int) -> np.ndarray:
+    """The 68 landmarks the annotation's parameters give, in image coordinates (3, 68)."""
+    poses, params = annotation_arrays([annotation])
+    return posed_landmarks(model, poses, params, np.array([image_height]))[0]
+
+
+def labels_from_poses(
+    poses: np.ndarray, params: np.ndarray, boxes: np.ndarray, image_heights: np.ndarray,
+    size: int = CROP_SIZE,
+) -> np.ndarray:
+    """62-d labels (..., 62) of ``Pose_Para`` (..., 7) and shape / expression parameters (..., 62)
+    of faces cropped by boxes (..., 4) from images of the given heights; see the module docstring.
+    Non-finite values are left for the caller to report."""
+    boxes = np.asarray(boxes, dtype=np.float64)
+    heights = np.asarray(image_heights, dtype=np.float64)
+    pitch, yaw, roll, tx, ty, tz, scale = np.moveaxis(np.asarray(poses, dtype=np.float64), -1, 0)
+    s_x, s_y = box_scales(boxes, size)
+    s_z = (s_x + s_y) / 2.0
+    row_scales = np.stack([s_x, s_y, s_z], axis=-1)[..., None]  # (..., 3, 1)
+    scaled_rotation = scale[..., None, None] * rotation_from_angles(pitch, yaw, roll) * row_scales
+    translation = np.stack([
+        s_x * (tx - boxes[..., 0]),
+        size + 1 - s_y * (heights + 1 - ty - boxes[..., 1]),
+        s_z * tz,
+    ], axis=-1)
+    alpha_shp, alpha_exp = params[..., SHAPE_SLICE], params[..., EXPRESSION_SLICE]
+    return compose_params(scaled_rotation, translation, alpha_shp, alpha_exp)
 
 
 def label_from_annotation(
     annotation: MatAnnotation, box: np.ndarray, image_height: int, size: int = CROP_SIZE
 ) -> np.ndarray:
     """The 62-d label (float64) of an annotated face cropped by ``box``; see the module docstring."""
-    box = np.asarray(box, dtype=np.float64)
-    pitch, yaw, roll, tx, ty, tz, scale = annotation.pose_para
-    s_x, s_y = box_scales(box, size)
-    s_z = (s_x + s_y) / 2.0
-    scaled_rotation = scale * rotation_from_angles(pitch, yaw, roll) * np.array([[s_x], [s_y], [s_z]])
-    translation = np.array([
-        s_x * (tx - box[0]),
-        size + 1 - s_y * (image_height + 1 - ty - box[1]),
-        s_z * tz,
-    ])
-    label = compose_params(
-        scaled_rotation, translation,
-        annotation.shape_para[:NUM_SHAPE], annotation.exp_para[:NUM_EXPRESSION],
-    )
+    poses, params = annotation_arrays([annotation])
+    boxes = np.asarray(box, dtype=np.float64)[None]
+    label = labels_from_poses(poses, params, boxes, np.array([image_height]), size)[0]
     if not np.all(np.isfinite(label)):
         raise InvalidValueError(annotation.path, "label holds NaN or inf")
     return label

@@ -103,6 +103,9 @@ def table_from_rows(rows: list[dict], schema: pa.Schema) -> pa.Table:
             flat = np.asarray(values, dtype=np.float32).reshape(len(rows), -1)
             columns[field.name] = pa.FixedSizeListArray.from_arrays(
                 pa.array(flat.reshape(-1), pa.float32()), field.type.list_size)
+        elif pa.types.is_floating(field.type) or pa.types.is_integer(field.type):
+            # Through one numpy array: converting numpy scalars one by one is slower.
+            columns[field.name] = pa.array(np.asarray(values, dtype=field.type.to_pandas_dtype()), field.type)
         else:
             columns[field.name] = pa.array(values, type=field.type)
     return pa.table(columns, schema=schema)
