@@ -148,8 +148,9 @@ def _noise(shape: tuple[int, ...], u_top: float, u_left: float, rng: np.random.G
     return field[top:top + height, left:left + width]
 
 
-# The 256 grey levels (a column), the input of each crop's lookup table.
-_GREY_LEVELS = np.arange(256.0)[:, None]
+# The 256 grey levels in each of three channels (1, 256, 3): what a crop's lookup table maps.
+_GREY_LEVELS = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)
+_DIAGONAL = (np.arange(3), np.arange(3))
 
 
 def photometric(image: np.ndarray, rng: np.random.Generator, config: PhotometricConfig) -> np.ndarray:
@@ -166,8 +167,12 @@ def photometric(image: np.ndarray, rng: np.random.Generator, config: Photometric
     colour = 1.0 - config.colour + 2.0 * config.colour * u[1:4]
     shift = (2.0 * u[4] - 1.0) * config.brightness * 255.0
     mean = sum(cv2.sumElems(image)) / image.size  # the contrast pivot
-    table = ((_GREY_LEVELS - mean) * gain + mean) * colour + shift  # (256, 3)
-    out = cv2.LUT(image, np.clip(table + 0.5, 0, 255).astype(np.uint8).reshape(1, 256, 3))
+    # ((level - mean) * gain + mean) * colour + shift, one affine map a level + b per channel,
+    # rounded and saturated to uint8 by cv2.transform: the (1, 256, 3) table of the lookup.
+    affine = np.zeros((3, 4))
+    affine[_DIAGONAL] = gain * colour
+    affine[:, 3] = mean * (1.0 - gain) * colour + shift
+    out = cv2.LUT(image, cv2.transform(_GREY_LEVELS, affine))
     if u[5] < config.blur_probability and config.blur_sigma_max > 0:
         sigma = 0.3 + (config.blur_sigma_max - 0.3) * u[6]
         out = cv2.GaussianBlur(out, (0, 0), sigma)
