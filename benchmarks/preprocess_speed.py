@@ -1,6 +1,6 @@
 """Preprocessing throughput: the plain decode + crop loop against the full Ray Data run.
 
-    python benchmarks/preprocess_speed.py --n 300 --json preprocess_speed.json
+    python benchmarks/preprocess_speed.py --n 300 [--repeats 3] --json preprocess_speed.json
 
 On one synthetic 300W-LP folder, in one process tree, for 1 and 2 CPUs:
 (a) read + JPEG decode + landmark-rule crop + resize to 120x120 in a plain loop (N processes),
@@ -12,7 +12,9 @@ For (b) two rates: the whole run (``run_preprocess`` from call to manifest, incl
 the Ray actors, a few seconds once per run) and the working rate: source images over the span
 from the first shard task's start to the last one's end (each shard records both), which is
 what a large dataset sees. Prints images/s (source images), the ratios (b)/(a) and
-2-CPU / 1-CPU, and bytes per image.
+2-CPU / 1-CPU, and bytes per image. With ``--repeats R`` the whole grid runs R times, one round
+after another, and the table gives the medians with every round's ratio beside them: on a shared
+2-core machine one run's (b) varies by about 10%.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import multiprocessing  # noqa: E402
 import platform  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -84,47 +88,63 @@ def ray_run(source: Path, output: Path, cpus: int, copies: int) -> tuple[int, fl
     return figures["inputs"], figures["seconds"]
 
 
+def measure(source: Path, pairs: list[tuple[str, str]], work: Path, cpus: int, copies: int) -> dict:
+    """One side-by-side measurement: (a) then (b) on the same images, same CPU count and crops."""
+    from preprocessing.datasets import resolve
+    from preprocessing.ray_preprocess import mean_bytes_per_image
+
+    plain = plain_loop(pairs, cpus, copies)
+    output = work / f"shards-{cpus}-{copies}"
+    shutil.rmtree(output, ignore_errors=True)
+    n_all, t_all = ray_run(source, output, cpus, copies)
+    records = [json.loads(p.read_text()) for p in (output / "_shards").glob("*.json")]
+    span = max(r["finished_at"] for r in records) - min(r["started_at"] for r in records)
+    return {"cpus": cpus, "copies": copies, "images": len(pairs), "plain_loop": plain,
+            "ray_working": n_all / span, "ray_whole_run": n_all / t_all, "outside_span_s": t_all - span,
+            "ratio": n_all / span / plain, "bytes_per_image": mean_bytes_per_image(*resolve(str(output)))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=300, help="unflipped synthetic images (x2 with flips)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of the whole grid (interleaved); the table gives medians")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    from preprocessing.datasets import list_300w_lp, resolve
-    from preprocessing.ray_preprocess import mean_bytes_per_image
+    from preprocessing.datasets import list_300w_lp
     from preprocessing.synth import SynthConfig, generate
 
-    rows = []
+    runs = []
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "300W_LP"
         generate(SynthConfig("300w-lp", n=args.n, seed=0), source, workers=os.cpu_count() or 1)
         _, refs = list_300w_lp(source)
         pairs = [(r.image_path, r.mat_path) for r in refs]
-        for cpus in (1, 2):
-            row = {"cpus": cpus, "images": len(pairs)}
-            for copies in (1, 4):
-                row[f"plain_loop_copies_{copies}"] = plain_loop(pairs, cpus, copies)
-                output = Path(tmp) / f"shards-{cpus}-{copies}"
-                n_all, t_all = ray_run(source, output, cpus, copies)
-                records = [json.loads(p.read_text()) for p in (output / "_shards").glob("*.json")]
-                span = max(r["finished_at"] for r in records) - min(r["started_at"] for r in records)
-                row[f"ray_copies_{copies}_whole_run"] = n_all / t_all
-                row[f"ray_copies_{copies}"] = n_all / span
-                row[f"ray_copies_{copies}_start_seconds"] = t_all - span
-                row[f"bytes_per_image_copies_{copies}"] = mean_bytes_per_image(*resolve(str(output)))
-            rows.append(row)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {rows[0]['images']} source images")
-    print("| CPUs | crops | (a) plain loop | (b) working | (b)/(a) | (b) whole run | outside the span, s |")
+        for _ in range(args.repeats):
+            runs += [measure(source, pairs, Path(tmp), cpus, copies) for cpus in (1, 2) for copies in (1, 4)]
+    grid: dict[tuple[int, int], list[dict]] = {}
+    for run in runs:
+        grid.setdefault((run["cpus"], run["copies"]), []).append(run)
+
+    def median(cpus: int, copies: int, key: str) -> float:
+        return statistics.median(r[key] for r in grid[cpus, copies])
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {len(pairs)} source images; "
+          f"{args.repeats} round(s), medians")
+    print("| CPUs | crops | (a) plain loop | (b) working | (b)/(a) | (b)/(a) each round | (b) whole run |")
     print("|---|---|---|---|---|---|---|")
-    for row in rows:
-        for copies in (1, 4):
-            plain, ray_rate = row[f"plain_loop_copies_{copies}"], row[f"ray_copies_{copies}"]
-            whole, start = row[f"ray_copies_{copies}_whole_run"], row[f"ray_copies_{copies}_start_seconds"]
-            print(f"| {row['cpus']} | {copies} | {plain:.0f} | {ray_rate:.0f} | {ray_rate / plain:.2f} | "
-                  f"{whole:.0f} | {start:.1f} |")
-    for key in ("plain_loop_copies_1", "plain_loop_copies_4", "ray_copies_1", "ray_copies_4"):
-        print(f"2 CPUs / 1 CPU, {key}: {rows[1][key] / rows[0][key]:.2f}x")
-    print(f"bytes per stored image (JPEG q95): {rows[0]['bytes_per_image_copies_4']:.0f}")
-    write_json(args.json, {"rows": rows})
+    for (cpus, copies), rounds in grid.items():
+        each = " ".join(f"{r['ratio']:.2f}" for r in rounds)
+        print(f"| {cpus} | {copies} | {median(cpus, copies, 'plain_loop'):.0f} | "
+              f"{median(cpus, copies, 'ray_working'):.0f} | {median(cpus, copies, 'ratio'):.2f} | {each} | "
+              f"{median(cpus, copies, 'ray_whole_run'):.0f} |")
+    for copies in (1, 4):
+        for key, name in (("plain_loop", "(a) plain loop"), ("ray_working", "(b) Ray Data")):
+            each = [two[key] / one[key] for one, two in zip(grid[1, copies], grid[2, copies], strict=True)]
+            print(f"2 CPUs / 1 CPU, {copies} crop(s), {name}: {statistics.median(each):.2f}x "
+                  f"(each round: {' '.join(f'{x:.2f}' for x in each)})")
+    print(f"bytes per stored image (JPEG q95): {median(1, 4, 'bytes_per_image'):.0f}")
+    write_json(args.json, {"runs": runs})
 
 
 if __name__ == "__main__":
