@@ -11,10 +11,12 @@ from preprocessing.augment import (
     augment,
     expected_crop_landmarks,
     photometric,
+    plan_crops,
+    render_crops,
 )
 from preprocessing.datasets import list_300w_lp, read_annotation, read_image
 from preprocessing.geometry import landmark_crop_box
-from preprocessing.labels import crop_landmarks, image_landmarks
+from preprocessing.labels import annotation_arrays, crop_landmarks, image_landmarks, labels_from_poses
 from preprocessing.synth import SynthConfig, generate
 
 NO_PHOTOMETRIC = PhotometricConfig(brightness=0, contrast=0, colour=0, blur_probability=0,
@@ -124,6 +126,27 @@ def test_same_generator_same_crops_and_flip_needs_a_mirror(faces):
         np.testing.assert_array_equal(a.image, b.image)
     with pytest.raises(ValueError, match="flip_probability > 0 needs the morphable model's mirror map"):
         augment(image, annotation, box, AugmentConfig(), np.random.default_rng(0), None)
+
+
+def test_a_batch_gives_each_face_the_crops_it_gets_alone(faces, synthetic_head):
+    """The preprocessing plans a whole batch's geometry at once; each face must still get exactly
+    the crops (pixels, labels, flips) that its own generator gives it on its own."""
+    config = AugmentConfig()  # the default: four crops, flips and every photometric change
+    mirror = mirror_map(synthetic_head.model)
+    images = [image for image, _, _ in faces]
+    boxes = landmark_crop_box(np.stack([truth for _, _, truth in faces]))
+    poses, params = annotation_arrays([annotation for _, annotation, _ in faces])
+    base = labels_from_poses(poses, params, boxes, np.array([image.shape[0] for image in images]))
+    rngs = [np.random.default_rng([0, k]) for k in range(len(faces))]
+    plan = plan_crops(base, boxes, config, rngs, mirror)
+    assert plan.flips.any() and not plan.flips.all()
+    for k, (image, annotation, _) in enumerate(faces):
+        batched = render_crops(image, plan, k, config.photometric, rngs[k])
+        alone = augment(image, annotation, boxes[k], config, np.random.default_rng([0, k]), mirror)
+        for a, b in zip(batched, alone, strict=True):
+            np.testing.assert_array_equal(a.image, b.image)
+            np.testing.assert_allclose(a.label, b.label, rtol=0, atol=1e-9)
+            assert a.flipped == b.flipped
 
 
 def test_config_ranges_are_checked():
