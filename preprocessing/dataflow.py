@@ -141,6 +141,11 @@ class Face:
         return self.source.rsplit(".", 1)[0]
 
     @property
+    def row_base(self) -> dict[str, str]:
+        """The columns every row of this source shares, whichever shard it goes to."""
+        return {"source_file": self.source, "subset": self.ref.subset, "subject_id": self.ref.subject_id}
+
+    @property
     def stream_key(self) -> int:
         """A 32-bit key of the source's name: its augmentation stream's seed."""
         return int.from_bytes(hashlib.sha256(self.stem.encode()).digest()[:4], "big")
@@ -265,8 +270,7 @@ class ShardProcessor:
                 continue
             split = split_of(face.ref.subject_id, self.config.val_fraction)
             crops = render_crops(face.image, plan, k, self.config.augment.photometric, rngs[k])
-            base = {"source_file": face.source, "subset": face.ref.subset, "subject_id": face.ref.subject_id}
-            produced.append((face, [(split, {"id": f"{face.stem}#{crop.index}", **base,
+            produced.append((face, [(split, {"id": f"{face.stem}#{crop.index}", **face.row_base,
                                              "augmentation_index": crop.index, "flipped": crop.flipped,
                                              "image": crop.image, "label": crop.label})
                                     for crop in crops]))
@@ -295,8 +299,7 @@ class ShardProcessor:
         pt2d = annotation.pt2d if annotation.pt2d is not None and annotation.pt2d.shape == (2, 21) \
             else np.full((2, 21), -1.0)
         return {
-            "id": face.stem, "source_file": face.source, "subset": face.ref.subset,
-            "subject_id": face.ref.subject_id, "augmentation_index": 0, "flipped": False,
+            "id": face.stem, **face.row_base, "augmentation_index": 0, "flipped": False,
             "image": crop_image(image, box), "label": label,
             "roi_box": box, "pt3d_68": annotation.pt3d_68, "pt2d": pt2d,
             "yaw_bin": int(min(np.searchsorted([30.0, 60.0], yaw, side="left"), 2)),

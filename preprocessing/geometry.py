@@ -129,8 +129,8 @@ def nme(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
 def box_transform(box: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
     """2x3 affines ``[M | d]`` (..., 2, 3) taking image coordinates to crop coordinates (both
     1-based) for boxes (..., 4)."""
-    box = _check_box(box)
-    s_x, s_y = box_scales(box, size)
+    box = np.asarray(box, dtype=np.float64)
+    s_x, s_y = box_scales(box, size)  # checks the boxes
     out = np.zeros((*box.shape[:-1], 2, 3))
     out[..., 0, 0], out[..., 0, 2] = s_x, -s_x * box[..., 0]
     out[..., 1, 1], out[..., 1, 2] = s_y, -s_y * box[..., 1]
