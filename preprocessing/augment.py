@@ -148,6 +148,16 @@ def _noise(shape: tuple[int, ...], u_top: float, u_left: float, rng: np.random.G
     return field[top:top + height, left:left + width]
 
 
+def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of a uint8 image (H, W, C), the kernel out to 3 sigma each side (OpenCV's own
+    choice for 8-bit images), borders reflected. Two 1-D passes of the float kernel: on 120x120
+    crops cv2.GaussianBlur's bit-exact 8-bit path cost two to three times as much, for results
+    within one grey level of it."""
+    taps = int(round(6.0 * sigma + 1.0)) | 1
+    kernel = cv2.getGaussianKernel(taps, sigma)
+    return cv2.sepFilter2D(image, -1, kernel, kernel, borderType=cv2.BORDER_REFLECT_101)
+
+
 # The 256 grey levels in each of three channels (1, 256, 3): what a crop's lookup table maps.
 _GREY_LEVELS = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)
 _DIAGONAL = (np.arange(3), np.arange(3))
@@ -175,7 +185,7 @@ def photometric(image: np.ndarray, rng: np.random.Generator, config: Photometric
     out = cv2.LUT(image, cv2.transform(_GREY_LEVELS, affine))
     if u[5] < config.blur_probability and config.blur_sigma_max > 0:
         sigma = 0.3 + (config.blur_sigma_max - 0.3) * u[6]
-        out = cv2.GaussianBlur(out, (0, 0), sigma)
+        out = gaussian_blur(out, sigma)
     if u[7] < config.noise_probability and config.noise_sigma_max > 0:
         sigma = u[8] * config.noise_sigma_max
         out = cv2.addWeighted(out, 1.0, _noise(out.shape, u[9], u[10], rng), sigma, 0.0, dtype=cv2.CV_8U)

@@ -18,6 +18,8 @@ import gc
 import hashlib
 import json
 import logging
+import os
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -31,10 +33,10 @@ from models.mirror import mirror_map
 from models.morphable import MorphableModel
 from models.params import NUM_PARAMS, ParamStats, pose_angles
 from preprocessing.annotations import MatAnnotation
-from preprocessing.augment import AugmentConfig, plan_crops, render_crops
+from preprocessing.augment import AugmentConfig, AugmentedCrop, plan_crops, render_crops
 from preprocessing.datasets import SampleRef, read_annotation, read_image, resolve
 from preprocessing.errors import DatasetError, InvalidValueError
-from preprocessing.geometry import crop_image, landmark_crop_box
+from preprocessing.geometry import box_transform, crop_image, landmark_crop_box
 from preprocessing.labels import (
     annotation_arrays,
     canonical_angles,
@@ -141,14 +143,13 @@ class Face:
         return self.source.rsplit(".", 1)[0]
 
     @property
-    def row_base(self) -> dict[str, str]:
-        """The columns every row of this source shares, whichever shard it goes to."""
-        return {"source_file": self.source, "subset": self.ref.subset, "subject_id": self.ref.subject_id}
-
-    @property
     def stream_key(self) -> int:
         """A 32-bit key of the source's name: its augmentation stream's seed."""
         return int.from_bytes(hashlib.sha256(self.stem.encode()).digest()[:4], "big")
+
+
+# One crop and where it goes: (output key, crop, columns of its own beyond the common ones).
+CropOutput = tuple[str, AugmentedCrop, dict[str, Any]]
 
 
 class ShardProcessor:
@@ -176,7 +177,7 @@ class ShardProcessor:
             filesystem, f"{job.output}/{folder}/{name}", QUARANTINE_SCHEMA)
         summary = {"shard": job.index, "kind": job.kind, "inputs": len(job.refs), "written": 0,
                    "quarantined": 0, "rows": {}, "by_subset": {}}
-        train_labels: list[np.ndarray] = []
+        train_labels: list[np.ndarray] = []  # (N, 62) float32 per batch, as stored
         try:
             for start in range(0, len(job.refs), self.config.batch_size):
                 batch = job.refs[start:start + self.config.batch_size]
@@ -189,19 +190,19 @@ class ShardProcessor:
             writer.close()
             if key != "quarantine":
                 summary["rows"][key] = writer.rows
-        moments = label_moments({"label": np.array(train_labels, dtype=np.float32).reshape(-1, NUM_PARAMS)})
+        labels = np.concatenate(train_labels) if train_labels else np.zeros((0, NUM_PARAMS), np.float32)
+        moments = label_moments({"label": labels})
         summary["moments"] = {key: value[0].tolist() if key != "count" else int(value[0])
                               for key, value in moments.items()}
         return summary
 
     def _process_batch(self, filesystem, root, job, batch, writers, summary, train_labels) -> None:
-        rows: dict[str, list[dict]] = {key: [] for key in writers}
+        quarantined: list[dict] = []
 
         def quarantine(err: DatasetError) -> None:
             if self.strict:
                 raise err
-            rows["quarantine"].append({"file": _relative(err.path, root), "stage": err.stage,
-                                       "reason": err.reason})
+            quarantined.append({"file": _relative(err.path, root), "stage": err.stage, "reason": err.reason})
             summary["quarantined"] += 1
 
         faces = self._read_faces(filesystem, root, batch, quarantine)
@@ -209,22 +210,24 @@ class ShardProcessor:
             produced = []
             for face in faces:
                 try:
-                    produced.append((face, [("aflw2000", self._evaluation_row(face))]))
+                    produced.append((face, [("aflw2000", *self._evaluation_crop(face))]))
                 except DatasetError as err:
                     quarantine(err)
         else:
-            produced = self._training_rows(faces, quarantine)
-        for face, face_rows in produced:
-            for key, row in face_rows:
-                rows[key].append(row)
+            produced = self._training_crops(faces, quarantine)
+        outputs: dict[str, list[tuple[Face, AugmentedCrop, dict]]] = {}
+        for face, crops in produced:
+            for key, crop, extra in crops:
+                outputs.setdefault(key, []).append((face, crop, extra))
             summary["written"] += 1
             folder = face.ref.subset + ("_Flip" if face.ref.flipped else "")
             summary["by_subset"][folder] = summary["by_subset"].get(folder, 0) + 1
-        for key, key_rows in rows.items():
-            if key != "quarantine":
-                self._complete(key_rows)
-            writers[key].write_rows(key_rows)
-        train_labels += [row["label"] for row in rows.get("train", [])]
+        for key, entries in outputs.items():
+            columns = self._columns(entries)
+            writers[key].write_columns(columns)
+            if key == "train":
+                train_labels.append(columns["label"])
+        writers["quarantine"].write_rows(quarantined)
 
     def _read_faces(self, filesystem, root: str, batch: list[SampleRef], quarantine) -> list[Face]:
         """Read, decode and check a batch of sources; a bad one goes to ``quarantine``."""
@@ -251,8 +254,9 @@ class ShardProcessor:
             faces.append(Face(ref, source, annotation, image, pose, param, truth))
         return faces
 
-    def _training_rows(self, faces: list[Face], quarantine) -> list[tuple[Face, list[tuple[str, dict]]]]:
-        """The augmented crops of a batch of checked faces, their geometry planned all at once."""
+    def _training_crops(self, faces: list[Face], quarantine) -> list[tuple[Face, list[CropOutput]]]:
+        """The augmented crops of a batch of checked faces, their geometry planned all at once,
+        each with the split it goes to."""
         if not faces:
             return []
         boxes = landmark_crop_box(np.stack([face.truth for face in faces]))
@@ -270,26 +274,34 @@ class ShardProcessor:
                 continue
             split = split_of(face.ref.subject_id, self.config.val_fraction)
             crops = render_crops(face.image, plan, k, self.config.augment.photometric, rngs[k])
-            produced.append((face, [(split, {"id": f"{face.stem}#{crop.index}", **face.row_base,
-                                             "augmentation_index": crop.index, "flipped": crop.flipped,
-                                             "image": crop.image, "label": crop.label})
-                                    for crop in crops]))
+            produced.append((face, [(split, crop, {}) for crop in crops]))
         return produced
 
-    def _complete(self, rows: list[dict]) -> None:
-        """Encode each row's crop and add what follows from its label (landmarks, angles): a batch
-        of rows at once, as the per-row numpy calls cost more than their arithmetic."""
-        if not rows:
-            return
-        labels = np.stack([row["label"] for row in rows])
+    def _columns(self, entries: list[tuple[Face, AugmentedCrop, dict]]) -> dict[str, Any]:
+        """The rows of one output file from a batch, column by column: every crop encoded, and
+        what follows from its label (landmarks, angles) computed for all rows at once. An entry's
+        ``extra`` holds columns of its own (an evaluation row's ground truth, and its id)."""
+        labels = np.stack([crop.label for _, crop, _ in entries])
         angles = pose_angles(labels).astype(np.float32)
-        landmarks = crop_landmarks(self.model, labels).astype(np.float32)
-        for row, points, (pitch, yaw, roll) in zip(rows, landmarks, angles, strict=True):
-            row.update(image=encode_image(row["image"], self.config.image_format, self.config.jpeg_quality),
-                       label=row["label"].astype(np.float32), landmarks=points,
-                       pitch=pitch, yaw=yaw, roll=roll)
+        image_format, quality = self.config.image_format, self.config.jpeg_quality
+        columns = {
+            "id": [f"{face.stem}#{crop.index}" for face, crop, _ in entries],
+            "source_file": [face.source for face, _, _ in entries],
+            "subset": [face.ref.subset for face, _, _ in entries],
+            "subject_id": [face.ref.subject_id for face, _, _ in entries],
+            "augmentation_index": [crop.index for _, crop, _ in entries],
+            "flipped": [crop.flipped for _, crop, _ in entries],
+            "image": [encode_image(crop.image, image_format, quality) for _, crop, _ in entries],
+            "label": labels.astype(np.float32),  # (N, 62)
+            "landmarks": crop_landmarks(self.model, labels).astype(np.float32),  # (N, 3, 68)
+            "pitch": angles[:, 0], "yaw": angles[:, 1], "roll": angles[:, 2],
+        }
+        for name in entries[0][2]:
+            columns[name] = [extra[name] for _, _, extra in entries]
+        return columns
 
-    def _evaluation_row(self, face: Face) -> dict:
+    def _evaluation_crop(self, face: Face) -> tuple[AugmentedCrop, dict]:
+        """The benchmark's ROI crop of an AFLW2000-3D face, with its ground-truth columns."""
         annotation, image = face.annotation, face.image
         if annotation.pt3d_68 is None:
             raise InvalidValueError(annotation.path, "field 'pt3d_68' is missing")
@@ -298,13 +310,12 @@ class ShardProcessor:
         yaw = abs(np.rad2deg(canonical_angles(annotation.pose_para)[1]))
         pt2d = annotation.pt2d if annotation.pt2d is not None and annotation.pt2d.shape == (2, 21) \
             else np.full((2, 21), -1.0)
-        return {
-            "id": face.stem, **face.row_base, "augmentation_index": 0, "flipped": False,
-            "image": crop_image(image, box), "label": label,
-            "roi_box": box, "pt3d_68": annotation.pt3d_68, "pt2d": pt2d,
+        crop = AugmentedCrop(index=0, image=crop_image(image, box), label=label,
+                             transform=box_transform(box), flipped=False)
+        return crop, {
+            "id": face.stem, "roi_box": box, "pt3d_68": annotation.pt3d_68, "pt2d": pt2d,
             "yaw_bin": int(min(np.searchsorted([30.0, 60.0], yaw, side="left"), 2)),
         }
-
 
 def shard_jobs(refs: list[SampleRef], root: str, output: str, per_shard: int, kind: str) -> list[ShardJob]:
     return [ShardJob(index=k, refs=refs[start:start + per_shard], root=root, output=output, kind=kind)
@@ -356,6 +367,7 @@ class ShardTask:
         # This actor process is one of the pool's workers: the pool is the parallelism, so
         # OpenCV's own thread pool would only oversubscribe the cores Ray gave the actor.
         cv2.setNumThreads(max(1, int(config.num_cpus_per_task)))
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"  # in each shard's record
         self.jobs = jobs
         self.processor = ShardProcessor(config, strict)
         # What the actor holds by now (Ray, Ray Data, torch, the morphable model) lives as long as
@@ -370,6 +382,7 @@ class ShardTask:
             started = time.time()
             summary = self.processor(job)
             summary["started_at"], summary["finished_at"] = started, time.time()
+            summary["worker"] = self.worker
             record = {**summary, "config_digest": self.processor.config.digest(),
                       "sources_digest": job.sources_digest()}
             filesystem, _ = resolve(job.output)

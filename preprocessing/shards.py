@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterable
+from typing import Any
 
 import cv2
 import numpy as np
@@ -94,21 +95,44 @@ def decode_image(data: bytes, image_format: str, size: int = 120) -> np.ndarray:
     return image
 
 
-def table_from_rows(rows: list[dict], schema: pa.Schema) -> pa.Table:
-    """Rows (dicts of python / numpy values) -> a table of exactly ``schema``."""
-    columns = {}
+def table_from_columns(columns: dict[str, Any], schema: pa.Schema) -> pa.Table:
+    """Columns (lists of python / numpy values, or arrays with one row per entry) -> a table of
+    exactly ``schema``; every column holds the same number of rows."""
+    arrays = {}
+    rows = len(columns[schema[0].name])
     for field in schema:
-        values = [row[field.name] for row in rows]
+        values = columns[field.name]
         if pa.types.is_fixed_size_list(field.type):
-            flat = np.asarray(values, dtype=np.float32).reshape(len(rows), -1)
-            columns[field.name] = pa.FixedSizeListArray.from_arrays(
+            flat = np.asarray(values, dtype=np.float32).reshape(rows, -1)
+            if flat.shape[1] != field.type.list_size:
+                raise ValueError(f"column {field.name!r}: {flat.shape[1]} values a row, "
+                                 f"expected {field.type.list_size}")
+            arrays[field.name] = pa.FixedSizeListArray.from_arrays(
                 pa.array(flat.reshape(-1), pa.float32()), field.type.list_size)
         elif pa.types.is_floating(field.type) or pa.types.is_integer(field.type):
             # Through one numpy array: converting numpy scalars one by one is slower.
-            columns[field.name] = pa.array(np.asarray(values, dtype=field.type.to_pandas_dtype()), field.type)
+            arrays[field.name] = pa.array(np.asarray(values, dtype=field.type.to_pandas_dtype()), field.type)
         else:
-            columns[field.name] = pa.array(values, type=field.type)
-    return pa.table(columns, schema=schema)
+            arrays[field.name] = pa.array(values, type=field.type)
+    return pa.table(arrays, schema=schema)
+
+
+def table_from_rows(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """Rows (dicts of python / numpy values) -> a table of exactly ``schema``."""
+    return table_from_columns({field.name: [row[field.name] for row in rows] for field in schema}, schema)
+
+
+# zstd level for image columns already entropy-coded (JPEG, PNG): what zstd still finds there is
+# the header every crop repeats, which its fastest levels find as well. On 120x120 JPEG q95 crops
+# level -5 wrote the shard 0.2% larger than level 1 and the image column a third faster.
+ENCODED_IMAGE_ZSTD_LEVEL = -5
+ZSTD_LEVEL = 1
+
+
+def _zstd_levels(schema: pa.Schema) -> dict[str, int]:
+    encoded = (schema.metadata or {}).get(b"image_format") in (b"jpeg", b"png")
+    return {field.name: ENCODED_IMAGE_ZSTD_LEVEL if encoded and field.name == "image" else ZSTD_LEVEL
+            for field in schema}
 
 
 class AtomicParquetWriter:
@@ -127,13 +151,22 @@ class AtomicParquetWriter:
         self._stream = filesystem.open_output_stream(self.partial)
         # No dictionary pages: the encoded images never repeat, and trying to build a dictionary
         # of them cost four times the rest of the write (and made the files larger).
-        self._writer = pq.ParquetWriter(self._stream, schema, compression="zstd", use_dictionary=False)
+        self._writer = pq.ParquetWriter(self._stream, schema, compression="zstd", use_dictionary=False,
+                                        compression_level=_zstd_levels(schema))
         self.rows = 0
 
     def write_rows(self, rows: list[dict]) -> None:
         if rows:
-            self._writer.write_table(table_from_rows(rows, self.schema))
-            self.rows += len(rows)
+            self._write(table_from_rows(rows, self.schema))
+
+    def write_columns(self, columns: dict[str, Any]) -> None:
+        """One row group from columns (see :func:`table_from_columns`)."""
+        self._write(table_from_columns(columns, self.schema))
+
+    def _write(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self._writer.write_table(table)
+            self.rows += table.num_rows
 
     def close(self) -> None:
         self._writer.close()

@@ -1,7 +1,9 @@
 """Every geometric augmentation moves the label with the image; photometric ones leave it."""
 
+import cv2
 import numpy as np
 import pytest
+import scipy.ndimage
 
 from models.mirror import mirror_map
 from preprocessing.augment import (
@@ -10,6 +12,7 @@ from preprocessing.augment import (
     PhotometricConfig,
     augment,
     expected_crop_landmarks,
+    gaussian_blur,
     photometric,
     plan_crops,
     render_crops,
@@ -114,6 +117,23 @@ def test_photometric_strengths_match_the_config():
     (top, left), (bottom, right) = changed.min(axis=0), changed.max(axis=0) + 1
     assert 12 <= bottom - top <= 42 and 12 <= right - left <= 42
     assert len(np.unique(out[top:bottom, left:right].reshape(-1, 3), axis=0)) == 1
+
+
+@pytest.mark.parametrize("sigma", [0.3, 0.8, 1.5])
+def test_blur_is_the_gaussian_of_its_sigma(sigma):
+    """The blur is a Gaussian of the drawn sigma out to 3 sigma with reflected borders: within one
+    grey level of a float64 convolution and of OpenCV's own GaussianBlur."""
+    image = np.random.default_rng(4).integers(0, 256, (120, 120, 3), dtype=np.uint8)
+    out = gaussian_blur(image, sigma)
+    radius = (int(round(6 * sigma + 1)) | 1) // 2
+    reference = scipy.ndimage.gaussian_filter(image.astype(np.float64), (sigma, sigma, 0), mode="mirror",
+                                              radius=(radius, radius, 0))
+    assert out.dtype == np.uint8 and out.shape == image.shape
+    assert np.abs(out - reference).max() <= 1.0
+    assert np.abs(out.astype(int) - cv2.GaussianBlur(image, (0, 0), sigma)).max() <= 1
+    # On white noise a 2-D kernel k x k scales the deviation by sum(k**2): the strength of this sigma.
+    kernel = cv2.getGaussianKernel(2 * radius + 1, sigma)[:, 0]
+    assert out.std() / image.std() == pytest.approx((kernel**2).sum(), rel=0.05)
 
 
 def test_same_generator_same_crops_and_flip_needs_a_mirror(faces):
