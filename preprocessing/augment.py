@@ -172,16 +172,16 @@ def photometric(image: np.ndarray, rng: np.random.Generator, config: Photometric
     Each call runs for every augmented crop, so it keeps to whole-image OpenCV calls: numpy's
     mean over the crop alone cost half as much as the lookup table.
     """
-    u = rng.random(19)
+    u = rng.random(19).tolist()  # python floats: cheaper than numpy scalars for this arithmetic
     gain = 1.0 - config.contrast + 2.0 * config.contrast * u[0]
-    colour = 1.0 - config.colour + 2.0 * config.colour * u[1:4]
+    colour = [1.0 - config.colour + 2.0 * config.colour * x for x in u[1:4]]
     shift = (2.0 * u[4] - 1.0) * config.brightness * 255.0
     mean = sum(cv2.sumElems(image)) / image.size  # the contrast pivot
     # ((level - mean) * gain + mean) * colour + shift, one affine map a level + b per channel,
     # rounded and saturated to uint8 by cv2.transform: the (1, 256, 3) table of the lookup.
     affine = np.zeros((3, 4))
-    affine[_DIAGONAL] = gain * colour
-    affine[:, 3] = mean * (1.0 - gain) * colour + shift
+    affine[_DIAGONAL] = [gain * c for c in colour]
+    affine[:, 3] = [mean * (1.0 - gain) * c + shift for c in colour]
     out = cv2.LUT(image, cv2.transform(_GREY_LEVELS, affine))
     if u[5] < config.blur_probability and config.blur_sigma_max > 0:
         sigma = 0.3 + (config.blur_sigma_max - 0.3) * u[6]
@@ -196,7 +196,7 @@ def photometric(image: np.ndarray, rng: np.random.Generator, config: Photometric
         side_w = int((low + (high - low) * u[13]) * width)
         top = int(u[14] * (height - side_h + 1))
         left = int(u[15] * (width - side_w + 1))
-        out[top:top + side_h, left:left + side_w] = (u[16:19] * 255.0).astype(np.uint8)
+        out[top:top + side_h, left:left + side_w] = [int(x * 255.0) for x in u[16:19]]
     return out
 
 
