@@ -70,7 +70,7 @@ class PreprocessConfig:
     jpeg_quality: int = 95
     val_fraction: float = 0.1  # of subjects
     seed: int = 0
-    sources_per_shard: int = 128
+    sources_per_shard: int = 256  # source images a shard file and a Ray task (BENCHMARKS.md)
     batch_size: int = 16  # source images decoded together inside a shard task
     num_cpus_per_task: float = 1.0
 
