@@ -317,6 +317,7 @@ class ShardProcessor:
             "yaw_bin": int(min(np.searchsorted([30.0, 60.0], yaw, side="left"), 2)),
         }
 
+
 def shard_jobs(refs: list[SampleRef], root: str, output: str, per_shard: int, kind: str) -> list[ShardJob]:
     return [ShardJob(index=k, refs=refs[start:start + per_shard], root=root, output=output, kind=kind)
             for k, start in enumerate(range(0, len(refs), per_shard))]

@@ -164,9 +164,8 @@ class AtomicParquetWriter:
         self._write(table_from_columns(columns, self.schema))
 
     def _write(self, table: pa.Table) -> None:
-        if table.num_rows:
-            self._writer.write_table(table)
-            self.rows += table.num_rows
+        self._writer.write_table(table)
+        self.rows += table.num_rows
 
     def close(self) -> None:
         self._writer.close()
