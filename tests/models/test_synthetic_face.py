@@ -1,5 +1,7 @@
 """The procedural synthetic head: arrays, mesh, landmarks, modes and colours."""
 
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -26,11 +28,36 @@ BFM_POINTS = {
 }
 BFM_LOW = np.array([-73587.0, -86364.0, 17761.0])
 BFM_HIGH = np.array([72560.0, 49141.0, 131937.0])
+# sha256 of every array of the head (see head_digest), recorded when models.synthetic_face was a single
+# module, before it became a package. A change of it is a change of every synthetic dataset.
+HEAD_DIGEST = "9266a8c6a3aee82099b34a89ff836809b58fdca9dfb65227b12794755beb8315"
 
 
 @pytest.fixture(scope="module")
 def head() -> SyntheticHead:
     return build_synthetic_head()
+
+
+def head_digest(head: SyntheticHead) -> str:
+    """sha256 over (name, dtype, shape, bytes) of each array of the head, in a fixed order, then its
+    names and neutral colours."""
+    model = head.model
+    arrays = {
+        "model.mean": model.mean, "model.shape_basis": model.shape_basis,
+        "model.expression_basis": model.expression_basis, "model.landmark_indices": model.landmark_indices,
+        "model.triangles": model.triangles, "model.mirror_ids": model.mirror_ids,
+        "shape_std": head.shape_std, "expression_std": head.expression_std,
+        "vertex_albedo": head.vertex_albedo, "vertex_region": head.vertex_region,
+        "albedo_parts": head.albedo_parts,
+    }
+    digest = hashlib.sha256()
+    for name, array in arrays.items():
+        array = np.ascontiguousarray(array)
+        for part in (name.encode(), array.dtype.str.encode(), str(array.shape).encode(), array.tobytes()):
+            digest.update(part)
+    names = (model.name, head.expression_names, head.NEUTRAL_SKIN_BGR, head.NEUTRAL_HAIR_BGR)
+    digest.update(repr(names).encode())
+    return digest.hexdigest()
 
 
 def params_with(head: SyntheticHead, expression: dict[str, float] | None = None) -> np.ndarray:
@@ -199,3 +226,7 @@ def test_build_is_deterministic(head):
     assert again.model.identity == head.model.identity
     np.testing.assert_array_equal(again.vertex_albedo, head.vertex_albedo)
     np.testing.assert_array_equal(again.vertex_region, head.vertex_region)
+
+
+def test_head_arrays_are_bit_identical_to_the_recorded_build(head):
+    assert head_digest(head) == HEAD_DIGEST
