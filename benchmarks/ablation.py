@@ -45,17 +45,16 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 import ray
 import torch
 
 from models.face_models import load_face_model
-from models.params import ParamStats
 from models.predictor import MeanFacePredictor
 from models.registry import ARCHITECTURES, build_model, count_complexity
 from pipeline.common import progress_logger, setup_logging, write_json
-from pipeline.train import train
+from pipeline.scoring import score_shards
+from pipeline.tracking import TrackingTarget, metric_history
 from pipeline.train_config import (
     DataConfig,
     LossConfig,
@@ -65,9 +64,10 @@ from pipeline.train_config import (
     ScalingConfig,
     TrainConfig,
 )
-from pipeline.training import evaluate_on_shards, read_manifest
+from pipeline.training import train
 from preprocessing.augment import AugmentConfig
 from preprocessing.dataflow import PreprocessConfig
+from preprocessing.manifest import MANIFEST_FILE, Manifest, read_manifest
 from preprocessing.ray_preprocess import run_preprocess
 from preprocessing.synth import SynthConfig, generate
 
@@ -97,7 +97,7 @@ def make_shards(out_dir: Path, args: argparse.Namespace) -> None:
                    aflw2000_root=str(out_dir / "data" / "AFLW2000"))
 
 
-def data_summary(out_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def data_summary(out_dir: Path, manifest: Manifest) -> dict[str, Any]:
     """What the shards hold, read back from the files (so ``--reuse-shards`` reports the truth)."""
     synth = {folder: json.loads((out_dir / "data" / folder / "synth.json").read_text())
              for folder in ("300W_LP", "AFLW2000")}
@@ -107,11 +107,11 @@ def data_summary(out_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         "views_per_face": train["views_per_face"],
         "flips": train["flip"],
         "train_images": synth["300W_LP"]["images"],
-        "copies": manifest["config"]["augment"]["copies"],
-        "rows": manifest["counts"]["rows"],
-        "quarantined": manifest["counts"]["quarantined"],
-        "test_images": manifest["aflw2000"]["counts"]["written"],
-        "test_quarantined": manifest["aflw2000"]["counts"]["quarantined"],
+        "copies": manifest.config["augment"]["copies"],
+        "rows": manifest.counts["rows"],
+        "quarantined": manifest.counts["quarantined"],
+        "test_images": manifest.aflw2000.counts["written"],
+        "test_quarantined": manifest.aflw2000.counts["quarantined"],
         "synth": synth,
     }
 
@@ -127,13 +127,12 @@ def check_reused_sizes(data: dict[str, Any], args: argparse.Namespace) -> None:
 
 # -- the reference row ------------------------------------------------------------------------
 
-def mean_face_report(shards: str, manifest: dict[str, Any]) -> dict[str, Any]:
+def mean_face_report(shards: str, manifest: Manifest) -> dict[str, Any]:
     """AFLW2000-3D figures of predicting the whitening mean (the mean training label) for every
-    image, through the training's own shard evaluation (the network given is never run)."""
-    stats = ParamStats.from_dict(manifest["whitening"])
-    model = load_face_model(manifest["morphable_model"]["source"])
-    baseline = MeanFacePredictor(build_model("mobile-frnet"), stats, model)
-    return evaluate_on_shards(baseline, shards, manifest)
+    image, through the training's own shard scoring (the network given is never run)."""
+    model = load_face_model(manifest.morphable_model.source)
+    baseline = MeanFacePredictor(build_model("mobile-frnet"), manifest.whitening, model)
+    return score_shards(baseline, shards, manifest)
 
 
 # -- training ---------------------------------------------------------------------------------
@@ -179,9 +178,7 @@ def train_arch(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
     figures = train(config, run_dir)
     wall = time.perf_counter() - started
-    history = mlflow.MlflowClient(figures["tracking_uri"]).get_metric_history(figures["run_id"],
-                                                                             "samples_per_second")
-    rates = [m.value for m in sorted(history, key=lambda m: m.step)]
+    rates = metric_history(TrackingTarget(figures["tracking_uri"], figures["run_id"]), "samples_per_second")
     figures.update(wall_seconds=wall, samples_per_second=rates,
                    steady_samples_per_second=steady_rate(rates))
     return figures
@@ -304,7 +301,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def prepare_data(out_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     shards = out_dir / "shards"
-    if args.reuse_shards and (shards / "manifest.json").exists():
+    if args.reuse_shards and (shards / MANIFEST_FILE).exists():
         LOG.info("reusing %s", shards)
     elif (out_dir / "data").exists() or shards.exists():
         raise FileExistsError(f"{out_dir} already holds data: pass --reuse-shards to train on it "

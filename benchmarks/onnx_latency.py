@@ -34,8 +34,9 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from models.frame import CROP_SIZE
 from models.onnx_export import INPUT_NAME, export_onnx
-from models.registry import INPUT_SIZE, build_model, count_complexity
+from models.registry import build_model, count_complexity
 from pipeline.common import write_json
 
 ARCHS = ("mobile-frnet", "mobile-frnet-noatt", "mobilenet-v2", "mobilenet-v1")
@@ -52,7 +53,7 @@ def calibrate_batchnorm(model: nn.Module, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     model.train()
     with torch.no_grad():
-        model(torch.randn(CALIBRATION_BATCH, 3, INPUT_SIZE, INPUT_SIZE, generator=generator))
+        model(torch.randn(CALIBRATION_BATCH, 3, CROP_SIZE, CROP_SIZE, generator=generator))
     model.eval()
 
 
@@ -119,7 +120,7 @@ def main() -> None:
                      f"--round-warmup >= 0; got {args.runs}, {args.rounds}, {args.warmup}, "
                      f"{args.round_warmup}")
     image = np.random.default_rng(args.seed).standard_normal(
-        (1, 3, INPUT_SIZE, INPUT_SIZE)).astype(np.float32)
+        (1, 3, CROP_SIZE, CROP_SIZE)).astype(np.float32)
     sessions, complexity = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for arch in ARCHS:
@@ -151,7 +152,7 @@ def main() -> None:
     print(f"{TARGET} / {REFERENCE}: {ratio:.3f} (ratio of medians), "
           f"{per_round_ratio:.3f} (median of the {args.rounds} per-round ratios)")
     write_json(args.json, {"onnxruntime": ort.__version__, "machine": platform.machine(),
-                           "input_size": INPUT_SIZE, "batch": 1, "threads": 1,
+                           "input_size": CROP_SIZE, "batch": 1, "threads": 1,
                            "rounds": args.rounds, "round_warmup": args.round_warmup,
                            "rows": rows,
                            "load_average": {"before": load_before, "after": load_after},

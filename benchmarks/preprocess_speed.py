@@ -42,8 +42,8 @@ from pipeline.common import write_json  # noqa: E402
 def _plain_worker(paths: list[tuple[str, str]], copies: int = 1) -> int:
     import cv2
 
+    from models.frame import crop_image, landmark_crop_box
     from preprocessing.annotations import decode_image, parse_mat
-    from preprocessing.geometry import crop_image, landmark_crop_box
 
     cv2.setNumThreads(1)
     for jpg, mat in paths:
@@ -68,16 +68,17 @@ def plain_loop(pairs: list[tuple[str, str]], cpus: int, copies: int) -> float:
 RAY_RUN = """
 import json, logging, sys, time
 import ray
+from pipeline.ray_runtime import start_ray
 from preprocessing.augment import AugmentConfig
 from preprocessing.dataflow import PreprocessConfig
 from preprocessing.ray_preprocess import run_preprocess
 source, output, cpus, copies = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+start_ray(cpus, dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
 ray.data.DataContext.get_current().enable_progress_bars = False
 config = PreprocessConfig(augment=AugmentConfig(copies=copies))
 started = time.perf_counter()
 manifest = run_preprocess(source, output, config)
-print(json.dumps({"seconds": time.perf_counter() - started, "inputs": manifest["counts"]["inputs"]}))
+print(json.dumps({"seconds": time.perf_counter() - started, "inputs": manifest.counts["inputs"]}))
 """
 
 

@@ -18,7 +18,6 @@ training rows) is sized to show the per-row rate a real epoch sees.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -37,24 +36,25 @@ def bare_loop(shards: Path, epochs: int) -> float:
     import torch
 
     from models.face_models import load_face_model
+    from models.frame import normalise_input
     from models.losses import FRNetLoss
-    from models.params import ParamStats
     from models.registry import build_model
+    from pipeline.shard_data import TRAINING_COLUMNS, decode_batch
     from pipeline.train_config import OptimConfig
-    from pipeline.training import decode_batch, images_to_input, make_optimizer
+    from pipeline.worker import make_optimizer
+    from preprocessing.manifest import read_manifest
 
     torch.set_num_threads(1)
-    manifest = json.loads((shards / "manifest.json").read_text())
-    table = pq.read_table([str(shards / p) for p in manifest["splits"]["train"]],
-                          columns=["image", "label", "landmarks"])
+    manifest = read_manifest(str(shards))
+    table = pq.read_table([str(shards / p) for p in manifest.splits["train"]], columns=TRAINING_COLUMNS)
     rows = decode_batch({k: np.array(table.column(k).to_pylist(), dtype=object) for k in table.column_names},
-                        manifest["image_format"])
+                        manifest.image_format)
     images, labels = torch.from_numpy(rows["image"]), torch.from_numpy(rows["label"])
-    stats = ParamStats.from_dict(manifest["whitening"])
+    stats = manifest.whitening
     mean, std = torch.tensor(stats.mean, dtype=torch.float32), torch.tensor(stats.std, dtype=torch.float32)
     network = build_model("mobile-frnet")
     optimizer = make_optimizer(network, OptimConfig())
-    loss_fn = FRNetLoss(1.0, 0.05, stats, load_face_model(manifest["morphable_model"]["source"]))
+    loss_fn = FRNetLoss(1.0, 0.05, stats, load_face_model(manifest.morphable_model.source))
     generator = torch.Generator().manual_seed(0)
     rates = []
     for _ in range(epochs):
@@ -62,7 +62,7 @@ def bare_loop(shards: Path, epochs: int) -> float:
         order = torch.randperm(len(images))
         for start in range(0, len(images), BATCH):
             index = order[start:start + BATCH]
-            prediction = network(images_to_input(images[index]))
+            prediction = network(normalise_input(images[index]))
             parts = loss_fn(prediction, (labels[index] - mean) / std, generator)
             optimizer.zero_grad(set_to_none=True)
             parts.total.backward()
@@ -74,10 +74,11 @@ def bare_loop(shards: Path, epochs: int) -> float:
 def ray_train(shards: Path, run_dir: Path, epochs: int, cache_decoded: bool) -> float:
     import ray
 
-    from pipeline.train import train
+    from pipeline.ray_runtime import start_ray
     from pipeline.train_config import DataConfig, RunConfig, ScalingConfig, TrainConfig
+    from pipeline.training import train
 
-    ray.init(num_cpus=2, log_to_driver=False, logging_level="ERROR")
+    start_ray(2, log_to_driver=False, logging_level="ERROR")
     ray.data.DataContext.get_current().enable_progress_bars = False
     config = TrainConfig(epochs=epochs, data=DataConfig(shards=str(shards), batch_size=BATCH,
                                                         cache_decoded=cache_decoded),
@@ -100,6 +101,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     from pipeline.common import write_json
+    from preprocessing.manifest import read_manifest
     from preprocessing.synth import SynthConfig, generate
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,7 +111,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "pipeline.cli", "preprocess", "--input", str(root / "300W_LP"),
                         "--output", str(root / "shards"), "--config", str(root / "preprocess.yaml")],
                        check=True, capture_output=True)
-        train_rows = json.loads((root / "shards" / "manifest.json").read_text())["counts"]["rows"]["train"]
+        train_rows = read_manifest(str(root / "shards")).counts["rows"]["train"]
         bare = bare_loop(root / "shards", args.epochs)
         ray_rate = ray_train(root / "shards", root / "run", args.epochs, cache_decoded=False)
         cached_rate = ray_train(root / "shards", root / "run", args.epochs, cache_decoded=True)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from models.face_models import load_face_model
+from models.frame import COORDINATES
 from models.params import ParamStats
 from models.predictor import FacePredictor
 from models.registry import build_model
@@ -24,8 +25,6 @@ from models.registry import build_model
 FORMAT = "mobile-frnet/1"
 REQUIRED_KEYS = ("arch", "width", "state_dict", "param_mean", "param_std", "morphable_source",
                  "morphable_identity")
-# The one coordinate convention of the project (see preprocessing/geometry.py).
-COORDINATES = "1-based pixel centres; parameter frame y up: crop row = 121 - y"
 
 
 @dataclass(frozen=True)

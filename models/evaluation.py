@@ -3,7 +3,7 @@
 Protocols (see ``docs/3dmm-conventions.md`` in the shared docs and 3DDFA's benchmark scripts):
 
 - 2D landmarks: ``NME_i = mean_k ||p_k - g_k|| / sqrt(w * h)``, w and h the extent of the
-  ground-truth 68-point 2D bbox (:func:`preprocessing.geometry.nme`).
+  ground-truth 68-point 2D bbox (:func:`models.frame.nme`).
 - Faces are binned on |yaw| in degrees: [0, 30], (30, 60], (60, 90]. The headline Mean and Std
   are the mean and the population std (``ddof=0``, as the papers) of the three bin means, so a
   profile face weighs more than a frontal one.
@@ -21,6 +21,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
+from models.frame import nme_normaliser
 
 # Upper edges of the first two |yaw| bins in degrees; the third bin takes everything above 60,
 # as 3DDFA's ``ana`` does (its AFLW2000-3D.pose.npy holds a few |yaw| > 90 that land there).
@@ -101,8 +103,7 @@ def aflw21_from_68(landmarks: np.ndarray) -> np.ndarray:
 
 def _bbox_scale(points: np.ndarray) -> float:
     """sqrt(w * h) of the 2D bbox of points (2+, K)."""
-    extent = points[:2].max(axis=1) - points[:2].min(axis=1)
-    scale = float(np.sqrt(extent[0] * extent[1]))
+    scale = float(nme_normaliser(points))
     if not scale > 0:
         raise ValueError("degenerate ground truth: its 2D bbox has no area")
     return scale

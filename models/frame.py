@@ -1,4 +1,6 @@
-"""Crop boxes and the transforms between an image and its 120x120 crop.
+"""The project's coordinate frame: the 120x120 crop, its boxes and transforms, the parameter
+frame, the network's input normalisation and the NME, in numpy and (where training needs them)
+torch forms side by side. Nothing else defines these.
 
 Coordinate convention (one for the whole project): points are in **1-based pixel coordinates**,
 as in the 300W-LP / AFLW2000-3D .mat files (MATLAB): the centre of array pixel ``[row r, col c]``
@@ -13,11 +15,19 @@ The 62-d parameter's own frame has y pointing up: ``y_crop = size + 1 - y_param`
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import cv2
 import numpy as np
+import torch
 
 CROP_SIZE = 120
+# Network input (3DDFA's, kept so published checkpoints work unchanged): the crop in BGR order,
+# ``(x - INPUT_MEAN) / INPUT_SCALE``.
+INPUT_MEAN = 127.5
+INPUT_SCALE = 128.0
+# The convention recorded in model files.
+COORDINATES = f"1-based pixel centres; parameter frame y up: crop row = {CROP_SIZE + 1} - y"
 # Landmark rule (3DDFA benchmark ROI): square box around the landmarks' bbox, side = its diagonal.
 LANDMARK_BOX_FACTOR = math.sqrt(2.0)
 # Detector-box rule (3DDFA_V2 ``parse_roi_box_from_bbox``): centre shifted down by 0.14 of the
@@ -92,11 +102,28 @@ def crop_to_image(points: np.ndarray, box: np.ndarray, size: int = CROP_SIZE) ->
     return out
 
 
+def reflect(values: Any, size: Any = CROP_SIZE) -> Any:
+    """1-based coordinates reflected across a span of ``size`` pixels: ``size + 1 - v``. This is
+    the crop's y (down) against the parameter frame's (up), an image's rows against its .mat's
+    y-up frame (``size`` = the image height), and a horizontal mirror's x. numpy or torch."""
+    return size + 1 - values
+
+
+def mirror_transform(size: int = CROP_SIZE) -> np.ndarray:
+    """The horizontal mirror of a crop as a 2x3 affine in 1-based coordinates: ``x -> size + 1 - x``."""
+    return np.array([[-1.0, 0.0, reflect(0.0, size)], [0.0, 1.0, 0.0]])
+
+
 def param_frame_to_crop(points: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
     """Points in the parameter's frame (y up) (..., 3, K) -> crop coordinates (y down)."""
     out = np.array(points, dtype=np.float64, copy=True)
-    out[..., 1, :] = size + 1 - out[..., 1, :]
+    out[..., 1, :] = reflect(out[..., 1, :], size)
     return out
+
+
+def param_frame_to_crop_torch(points: torch.Tensor, size: int = CROP_SIZE) -> torch.Tensor:
+    """:func:`param_frame_to_crop` for a batch of torch points (B, 3, K)."""
+    return torch.stack([points[:, 0], reflect(points[:, 1], size), points[:, 2]], 1)
 
 
 def crop_affine(box: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
@@ -116,14 +143,48 @@ def crop_image(image: np.ndarray, box: np.ndarray, size: int = CROP_SIZE) -> np.
     return warp_image(image, box_transform(box, size), size)
 
 
+def nme_normaliser(truth: np.ndarray) -> np.ndarray:
+    """sqrt(w * h) of the 2D bbox of ground-truth points (..., 2+, K) -> (...): the benchmarks'
+    normaliser of point errors."""
+    truth = np.asarray(truth, dtype=np.float64)[..., :2, :]
+    extent = truth.max(axis=-1) - truth.min(axis=-1)  # (..., 2)
+    return np.sqrt(extent[..., 0] * extent[..., 1])
+
+
 def nme(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """2D NME of landmarks (..., 2+, K): mean point error over sqrt(w*h) of the truth's 2D bbox."""
     predicted = np.asarray(predicted, dtype=np.float64)[..., :2, :]
     truth = np.asarray(truth, dtype=np.float64)[..., :2, :]
-    extent = truth.max(axis=-1) - truth.min(axis=-1)  # (..., 2)
-    norm = np.sqrt(extent[..., 0] * extent[..., 1])
     errors = np.linalg.norm(predicted - truth, axis=-2).mean(axis=-1)
-    return errors / norm
+    return errors / nme_normaliser(truth)
+
+
+def nme_torch(predicted: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """:func:`nme` of a batch of torch landmarks (B, 2+, K) -> (B,); a degenerate truth bbox is
+    floored at 1e-6 so that one bad row cannot turn a batch mean into inf."""
+    extent = truth[:, :2].amax(dim=2) - truth[:, :2].amin(dim=2)  # (B, 2)
+    norm = torch.sqrt(extent[:, 0] * extent[:, 1]).clamp_min(1e-6)
+    error = torch.linalg.vector_norm(predicted[:, :2] - truth[:, :2], dim=1).mean(dim=1)
+    return error / norm
+
+
+def normalise_input(images: torch.Tensor) -> torch.Tensor:
+    """BGR uint8 crops (B, S, S, 3) -> the network's float input (B, 3, S, S) (a permuted view)."""
+    return ((images.float() - INPUT_MEAN) / INPUT_SCALE).permute(0, 3, 1, 2)
+
+
+def crops_to_tensor(crops: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """BGR uint8 crops (B, 120, 120, 3) as numpy -> the network's contiguous float32 input."""
+    crops = np.asarray(crops)
+    if crops.ndim != 4 or crops.shape[1:] != (CROP_SIZE, CROP_SIZE, 3):
+        raise ValueError(f"expected crops of shape (B, {CROP_SIZE}, {CROP_SIZE}, 3), got {crops.shape}")
+    return normalise_input(torch.from_numpy(np.ascontiguousarray(crops)).to(device)).contiguous()
+
+
+def drawing_positions(points: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """1-based points (2+, K) -> 0-based array positions (K, 2) in the image enlarged ``scale``
+    times by bilinear resizing, whose pixel centre c (0-based) lands at ``scale (c + 0.5) - 0.5``."""
+    return (np.asarray(points[:2], dtype=np.float64).T - 0.5) * scale - 0.5
 
 
 def box_transform(box: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from models.frame import CROP_SIZE, reflect
 from models.morphable import MorphableModel
 from models.params import EXPRESSION_SLICE, NUM_EXPRESSION, NUM_POSE, NUM_SHAPE, SHAPE_SLICE
 
@@ -64,14 +65,14 @@ def mirror_map(model: MorphableModel) -> MirrorMap:
     return MirrorMap(matrix=matrix, offset=offset, residual=residual)
 
 
-def mirror_params(params: np.ndarray, mapping: MirrorMap, size: int = 120) -> np.ndarray:
+def mirror_params(params: np.ndarray, mapping: MirrorMap, size: int = CROP_SIZE) -> np.ndarray:
     """The 62-d parameter (..., 62) of the horizontally mirrored ``size``-pixel crop."""
     params = np.asarray(params, dtype=np.float64)
     out = params.copy()
     camera = params[..., :NUM_POSE].reshape(*params.shape[:-1], 3, 4)
     flipped = camera.copy()
     flipped[..., :, :3] = _FLIP_X * camera[..., :, :3] * _FLIP_X.T
-    flipped[..., 0, 3] = size + 1 - camera[..., 0, 3]
+    flipped[..., 0, 3] = reflect(camera[..., 0, 3], size)
     out[..., :NUM_POSE] = flipped.reshape(*params.shape[:-1], NUM_POSE)
     alphas = np.concatenate([params[..., SHAPE_SLICE], params[..., EXPRESSION_SLICE]], axis=-1)
     mirrored = alphas @ mapping.matrix.T + mapping.offset

@@ -15,12 +15,14 @@ import onnx
 import torch
 from torch import nn
 
+from models.frame import CROP_SIZE
+
 INPUT_NAME = "image"
 OUTPUT_NAME = "params"
 BATCH_AXIS = "batch"
 
 
-def export_onnx(model: nn.Module, path: Path, opset: int = 17, input_size: int = 120) -> Path:
+def export_onnx(model: nn.Module, path: Path, opset: int = 17, input_size: int = CROP_SIZE) -> Path:
     """Write ``model`` (in eval mode) to ``path`` and check the file; returns the path.
 
     The model's training mode is restored afterwards.

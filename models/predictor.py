@@ -3,9 +3,9 @@
     crop (box, landmarks or detector box) -> network -> de-whiten -> 68 landmarks, vertices and
     pose angles, mapped back to the original image
 
-Input convention (3DDFA's, kept so published checkpoints work unchanged): the 120x120 crop in BGR
-order, ``(x - 127.5) / 128``. Output coordinates follow :mod:`preprocessing.geometry`: 1-based
-pixel coordinates of the original image, y down; z scaled like x and y.
+Input and output follow :mod:`models.frame`: the 120x120 BGR crop normalised as 3DDFA's
+published checkpoints expect; 1-based pixel coordinates of the original image, y down; z scaled
+like x and y.
 """
 
 from __future__ import annotations
@@ -16,28 +16,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.morphable import MorphableModel
-from models.params import ParamStats, pose_angles
-from preprocessing.geometry import (
-    CROP_SIZE,
+from models.frame import (
     crop_image,
     crop_to_image,
+    crops_to_tensor,
     detector_crop_box,
     landmark_crop_box,
     param_frame_to_crop,
 )
-
-INPUT_MEAN = 127.5
-INPUT_SCALE = 128.0
-
-
-def crops_to_tensor(crops: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
-    """BGR uint8 crops (B, 120, 120, 3) -> normalised float32 (B, 3, 120, 120)."""
-    crops = np.asarray(crops)
-    if crops.ndim != 4 or crops.shape[1:] != (CROP_SIZE, CROP_SIZE, 3):
-        raise ValueError(f"expected crops of shape (B, {CROP_SIZE}, {CROP_SIZE}, 3), got {crops.shape}")
-    tensor = torch.from_numpy(np.ascontiguousarray(crops)).to(device)
-    return ((tensor.float() - INPUT_MEAN) / INPUT_SCALE).permute(0, 3, 1, 2).contiguous()
+from models.morphable import MorphableModel
+from models.params import ParamStats, pose_angles
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from models.frame import CROP_SIZE
 from models.mobile_frnet import mobile_frnet, mobile_frnet_no_attention, mobilenet_v2
 from models.mobilenet_v1 import MobileNetV1, load_3ddfa_v2_checkpoint
 from models.params import NUM_PARAMS
@@ -34,7 +35,6 @@ ARCHITECTURES: dict[str, Callable[[int, float], nn.Module]] = {
     "mobilenet-v2": mobilenet_v2,
     "mobilenet-v1": lambda num_params, width: MobileNetV1(width, num_params),
 }
-INPUT_SIZE = 120
 
 
 def build_model(name: str, width: float = 1.0, num_params: int = NUM_PARAMS) -> nn.Module:
@@ -46,7 +46,7 @@ def build_model(name: str, width: float = 1.0, num_params: int = NUM_PARAMS) -> 
     return ARCHITECTURES[name](num_params, width)
 
 
-def count_complexity(model: nn.Module, input_size: int = INPUT_SIZE) -> dict[str, int]:
+def count_complexity(model: nn.Module, input_size: int = CROP_SIZE) -> dict[str, int]:
     """Parameters, MACs and FLOPs (= 2 MACs) of one forward pass of a 1x3xSxS input.
 
     Runs the model once in eval mode under ``torch.no_grad`` and restores its mode.

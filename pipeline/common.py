@@ -26,31 +26,6 @@ def add_arch_arguments(parser: argparse.ArgumentParser, required: bool = True) -
     parser.add_argument("--width", type=float, default=1.0, help="width multiplier")
 
 
-def init_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
-    """Join the cluster a plain ``ray.init()`` would join (RAY_ADDRESS, or the one ``ray start``
-    recorded on this machine), else start a local Ray on ``num_cpus`` CPUs.
-
-    A local Ray started here tells its own processes where its dashboard is. Ray Train's
-    placement-group cleaner asks the state API for "the" local instance; with a second Ray on the
-    same machine that lookup fails, and a trial Tune stops early (its Train controller killed with
-    it) would keep its workers' CPUs reserved until the sweep ends.
-    """
-    import socket
-
-    import ray
-    from ray._private import services  # the rule plain ray.init() applies, ray==2.60
-
-    if services.canonicalize_bootstrap_address(None) is not None:
-        ray.init(**kwargs)
-        return
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    runtime_env = {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}
-    # The dashboard stays on: Ray Train's controller queries the state API it serves.
-    ray.init(address="local", num_cpus=num_cpus, dashboard_port=port, runtime_env=runtime_env, **kwargs)
-
-
 def write_json(path: Path | None, figures: dict[str, Any]) -> None:
     """Write a stage's figures to ``--json PATH`` (parent folders created)."""
     if path is None:

@@ -1,8 +1,9 @@
-"""Typed configuration: YAML -> frozen dataclasses, validated once.
+"""Typed configuration: YAML -> frozen dataclasses, validated once, and back to plain data.
 
 An unknown key, a missing required key or a value of the wrong type raises :class:`ConfigError`
 naming the file and the dotted key. Nested dataclasses map to nested mappings; tuples take
-lists of the right length; ``X | None`` takes null.
+lists of the right length; ``X | None`` takes null. Dotted keys (``optim.lr``) name a leaf in
+overrides from the command line, in Tune search spaces and in a trial's fixed keys alike.
 """
 
 from __future__ import annotations
@@ -27,8 +28,35 @@ def load_config(path: Path, cls: type[T], overrides: dict[str, Any] | None = Non
     path = Path(path)
     data = read_yaml_mapping(path)
     for dotted, value in (overrides or {}).items():
-        _set_dotted(data, dotted, value)
+        set_dotted(data, dotted, value, str(path))
     return from_dict(cls, data, source=str(path))
+
+
+def from_overrides(cls: type[T], overrides: dict[str, Any], source: str) -> T:
+    """Dataclass ``cls`` from its defaults and dotted-key ``overrides`` alone (no file)."""
+    data: dict[str, Any] = {}
+    for dotted, value in overrides.items():
+        set_dotted(data, dotted, value, source)
+    return from_dict(cls, data, source=source)
+
+
+def with_overrides(base: T, overrides: dict[str, Any], source: str) -> T:
+    """A config dataclass ``base`` with dotted keys replaced, checked like a config file."""
+    data = to_plain(base)
+    for dotted, value in overrides.items():
+        set_dotted(data, dotted, value, source)
+    return from_dict(type(base), data, source=source)
+
+
+def to_plain(config: Any) -> Any:
+    """A config dataclass (or its ``asdict``) as plain YAML/JSON data: tuples become lists."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    if isinstance(config, dict):
+        return {key: to_plain(value) for key, value in config.items()}
+    if isinstance(config, (list, tuple)):
+        return [to_plain(value) for value in config]
+    return config
 
 
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
@@ -44,11 +72,14 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     return data
 
 
-def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+def set_dotted(data: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    """Set the leaf ``a.b.c`` of nested mappings, creating the mappings on the way."""
     *parents, leaf = dotted.split(".")
     for key in parents:
         data = data.setdefault(key, {})
-    data[leaf] = value
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: '{dotted}' names a key inside '{key}', which is not a mapping")
+    data[leaf] = list(value) if isinstance(value, tuple) else value
 
 
 def from_dict(cls: type[T], data: dict[str, Any], source: str = "config", prefix: str = "") -> T:

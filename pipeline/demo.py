@@ -30,12 +30,14 @@ import cv2
 
 from models.synthetic_face import build_synthetic_head
 from pipeline import evaluate, predict, preprocess, train, tune
-from pipeline.common import init_ray, progress_logger, setup_logging, write_json
+from pipeline.common import progress_logger, setup_logging, write_json
+from pipeline.config import ConfigError, load_config
+from pipeline.ray_runtime import RayStartError, start_ray
+from pipeline.tracking import tracking_uri
 from pipeline.train_config import TrainConfig
-from preprocessing.config import ConfigError, load_config
 from preprocessing.datasets import list_aflw2000, read_annotation
 from preprocessing.labels import canonical_angles
-from preprocessing.overlay import draw_landmarks, tile
+from preprocessing.overlay import draw_landmarks, enlarge, tile
 from preprocessing.synth import SynthConfig, generate
 from preprocessing.verify import label_round_trip
 
@@ -44,6 +46,8 @@ REPO = Path(__file__).resolve().parents[1]
 # A round trip through float32 .mat fields and back must stay this close (pixels).
 ROUND_TRIP_TOLERANCE_PX = 1e-4
 PREDICTED_IMAGES = 4
+# The synthetic-crop sheet enlarges each crop so that the landmarks can be told apart.
+SHEET_SCALE = 3
 
 
 class StageFailed(RuntimeError):
@@ -108,7 +112,8 @@ def render_data(args: argparse.Namespace, data_dir: Path, run_dir: Path) -> dict
         if report.failed or report.max_error_px > ROUND_TRIP_TOLERANCE_PX:
             raise StageFailed(f"[{layout}] label round trip failed: {report.failed or report.max_error_px}")
     sheet_path = run_dir / "synthetic_crops.png"
-    cv2.imwrite(str(sheet_path), tile([draw_landmarks(image, points) for image, points in crops], columns=8))
+    cv2.imwrite(str(sheet_path), tile([draw_landmarks(enlarge(image, SHEET_SCALE), points, scale=SHEET_SCALE)
+                                          for image, points in crops], columns=8))
     figures["synthetic_crops"] = str(sheet_path)
     return figures
 
@@ -136,13 +141,13 @@ def bin_table(champion: dict[str, Any], baseline: dict[str, Any]) -> str:
 def run_demo(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     data_dir, shards = run_dir / "data", run_dir / "data" / "shards"
     test_dir = data_dir / "AFLW2000"
-    tracking = f"sqlite:///{run_dir / 'mlflow.db'}"
+    tracking = tracking_uri("", run_dir)
     stages: list[dict] = []
     figures: dict[str, Any] = {"run_dir": str(run_dir), "synthetic_data": True, "stages": stages}
     started = time.perf_counter()
     figures["data"] = render_data(args, data_dir, run_dir)
     stages.append({"stage": "synth", "seconds": round(time.perf_counter() - started, 1), "exit": 0})
-    init_ray(args.num_cpus, logging_level=logging.WARNING)
+    start_ray(args.num_cpus, logging_level=logging.WARNING)
     run_stage("preprocess", preprocess.main, [
         "--input", str(data_dir / "300W_LP"), "--output", str(shards), "--aflw2000", str(test_dir),
         "--config", str(args.configs / "preprocess.yaml"), "--json", str(run_dir / "preprocess.json"),
@@ -216,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         figures = run_demo(args, run_dir)
-    except (StageFailed, ConfigError) as err:
+    except (StageFailed, ConfigError, RayStartError) as err:
         LOG.error("%s", err)
         return 1
     passed = print_summary(figures, run_dir, args.min_improvement)

@@ -16,8 +16,9 @@ import logging
 import sys
 from pathlib import Path
 
+from models.frame import CROP_SIZE
 from models.onnx_export import export_onnx
-from models.registry import INPUT_SIZE, count_complexity, load_model
+from models.registry import count_complexity, load_model
 from pipeline.common import add_arch_arguments, setup_logging, write_json
 
 LOG = logging.getLogger("frnet.export")
@@ -29,7 +30,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", type=Path, help="weights to export (see above)")
     parser.add_argument("--onnx", type=Path, required=True, help="output .onnx file")
     parser.add_argument("--opset", type=int, default=17)
-    parser.add_argument("--input-size", type=int, default=INPUT_SIZE, help="square input side")
+    parser.add_argument("--input-size", type=int, default=CROP_SIZE, help="square input side")
     parser.add_argument("--json", type=Path, help="write the figures here")
     return parser.parse_args(argv)
 

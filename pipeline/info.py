@@ -15,7 +15,8 @@ import logging
 import sys
 from pathlib import Path
 
-from models.registry import INPUT_SIZE, build_model, count_complexity
+from models.frame import CROP_SIZE
+from models.registry import build_model, count_complexity
 from pipeline.common import add_arch_arguments, setup_logging, write_json
 
 LOG = logging.getLogger("frnet.info")
@@ -24,7 +25,7 @@ LOG = logging.getLogger("frnet.info")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="frnet info", description=__doc__.split("\n\n")[0])
     add_arch_arguments(parser)
-    parser.add_argument("--input-size", type=int, default=INPUT_SIZE, help="square input side")
+    parser.add_argument("--input-size", type=int, default=CROP_SIZE, help="square input side")
     parser.add_argument("--json", type=Path, help="write the figures here")
     return parser.parse_args(argv)
 

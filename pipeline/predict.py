@@ -33,7 +33,7 @@ from models.predictor import FacePredictor, Prediction
 from pipeline.common import setup_logging, write_json
 from pipeline.tracking import bundle_from_model_uri
 from preprocessing.detection import HaarFaceDetector
-from preprocessing.overlay import LANDMARK_GROUPS
+from preprocessing.overlay import draw_box, draw_landmarks
 
 LOG = logging.getLogger("frnet.predict")
 BOX_ARGUMENT = "argument"
@@ -68,16 +68,8 @@ def parse_box(text: str) -> np.ndarray:
 
 
 def overlay(image: np.ndarray, prediction: Prediction) -> np.ndarray:
-    """The image with the 68 landmarks and the crop box drawn (1-based coordinates)."""
-    canvas = image.copy()
-    points = np.round(prediction.landmarks[:2].T - 1.0).astype(np.int32)
-    for start, end, closed in LANDMARK_GROUPS:
-        cv2.polylines(canvas, [points[start:end]], closed, (0, 255, 0), 1, cv2.LINE_AA)
-    for x, y in points:
-        cv2.circle(canvas, (int(x), int(y)), 2, (0, 255, 0), -1, cv2.LINE_AA)
-    sx, sy, ex, ey = np.round(prediction.box - 1.0).astype(int)
-    cv2.rectangle(canvas, (sx, sy), (ex, ey), (255, 128, 0), 1)
-    return canvas
+    """The image with the 68 landmarks and the crop box drawn."""
+    return draw_box(draw_landmarks(image, prediction.landmarks), prediction.box)
 
 
 def write_obj(path: Path, vertices: np.ndarray, triangles: np.ndarray) -> None:

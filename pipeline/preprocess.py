@@ -20,10 +20,12 @@ from pathlib import Path
 import ray
 
 from pipeline.common import setup_logging, write_json
-from preprocessing.config import ConfigError, from_dict, load_config
+from pipeline.config import ConfigError, from_dict, load_config
+from pipeline.ray_runtime import RayStartError, start_ray
 from preprocessing.dataflow import PreprocessConfig
 from preprocessing.datasets import resolve
 from preprocessing.errors import DatasetError
+from preprocessing.manifest import MANIFEST_FILE
 from preprocessing.ray_preprocess import OutputExistsError, mean_bytes_per_image, run_preprocess
 
 LOG = logging.getLogger("frnet.preprocess")
@@ -49,12 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, PreprocessConfig) if args.config else \
             from_dict(PreprocessConfig, {}, source="defaults")
-    except ConfigError as err:
+        start_ray(args.num_cpus, dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    except (ConfigError, RayStartError) as err:
         LOG.error("%s", err)
         return 2
-    if not ray.is_initialized():
-        ray.init(num_cpus=args.num_cpus, logging_level=logging.WARNING, log_to_driver=False,
-                 include_dashboard=False)
     # One progress line per shard comes from this stage; Ray Data's own bars would interleave.
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
@@ -68,16 +68,16 @@ def main(argv: list[str] | None = None) -> int:
         cause = err.as_instanceof_cause()
         LOG.error("%s", cause if isinstance(cause, DatasetError) else err)
         return 1
-    counts = manifest["counts"]
+    counts = manifest.counts
     print(f"\n{counts['inputs']} source files: {counts['written']} written, "
           f"{counts['quarantined']} quarantined; rows: {json.dumps(counts['rows'])}")
-    if "aflw2000" in manifest:
-        aflw = manifest["aflw2000"]["counts"]
+    if manifest.aflw2000 is not None:
+        aflw = manifest.aflw2000.counts
         print(f"AFLW2000-3D: {aflw['inputs']} files: {aflw['written']} written, "
               f"{aflw['quarantined']} quarantined")
-    print(f"Manifest: {manifest['output']}/manifest.json")
+    print(f"Manifest: {manifest.output}/{MANIFEST_FILE}")
     figures = {"counts": counts, "bytes_per_image": mean_bytes_per_image(*resolve(args.output)),
-               "image_format": manifest["image_format"]}
+               "image_format": manifest.image_format}
     write_json(args.json, figures)
     return 0
 

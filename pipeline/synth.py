@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from pipeline.common import progress_logger, setup_logging, write_json
-from preprocessing.config import ConfigError, from_dict, load_config
+from pipeline.config import ConfigError, from_dict, load_config
 from preprocessing.synth import LAYOUTS, SynthConfig, generate
 
 LOG = logging.getLogger("frnet.synth")

@@ -5,8 +5,8 @@ The same dotted keys are what Tune search spaces name (``loss.lambda1``, ``optim
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Literal
 
 from models.losses import NUM_RESAMPLED, WING_EPSILON, WING_OMEGA
 from models.registry import ARCHITECTURES
@@ -121,14 +121,3 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-
-
-def to_plain(config: Any) -> Any:
-    """A config dataclass (or its ``asdict``) as plain YAML/JSON data: tuples become lists."""
-    if hasattr(config, "__dataclass_fields__"):
-        config = asdict(config)
-    if isinstance(config, dict):
-        return {key: to_plain(value) for key, value in config.items()}
-    if isinstance(config, (list, tuple)):
-        return [to_plain(value) for value in config]
-    return config

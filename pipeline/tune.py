@@ -1,75 +1,28 @@
-"""Ray Tune sweeps over the loss weights, Wing's omega/epsilon and any other training key; each
-trial is a full Ray Train run, tracked in MLflow as one parent run with a nested run per trial.
+"""Ray Tune sweeps over the loss weights, Wing's omega/epsilon and any other training key.
 
     frnet tune --config configs/tune.yaml --space tune_spaces/default.yaml [--shards DIR] [--run-dir DIR]
     python pipeline/tune.py --config configs/tune.yaml --space tune_spaces/small.yaml
     ray submit cluster.yaml pipeline/tune.py -- --config configs/tune.yaml --space tune_spaces/default.yaml
     frnet tune ... --resume      # continue the interrupted sweep of the same name
 
-ASHA stops weak trials on their validation NME; afterwards the sweep's table and plots go to
-the parent run, and the best trial's best checkpoint is evaluated on the AFLW2000-3D shards,
-registered, and made ``champion`` only if it beats the current one.
+What a sweep does: :mod:`pipeline.sweep`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
 import sys
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import ray
-import ray.train
-import ray.tune
-import yaml
-from mlflow.entities import Param
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-from ray.tune.integration.ray_train import TuneReportCallback
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.search import BasicVariantGenerator
 
-from models.checkpoint import load_bundle
-from pipeline.common import init_ray, setup_logging, write_json
-from pipeline.sweep_report import COMPLETED, FAILED, STOPPED, TrialRow, plot_against_keys, plot_curves, ranked
-from pipeline.sweep_report import write_table as write_results_table
-from pipeline.tracking import flatten, log_network, tracking_uri, use_experiment
-from pipeline.train import copy_model_file, evaluate_and_register, make_trainer
-from pipeline.train_config import TrainConfig, to_plain
-from pipeline.training import read_manifest
-from pipeline.tune_config import (
-    Dimension,
-    SearchSpace,
-    SweepConfig,
-    base_train_config,
-    load_space,
-    load_sweep_config,
-    with_overrides,
-)
-from preprocessing.config import ConfigError, from_dict
-from preprocessing.datasets import resolve
+from pipeline.common import setup_logging, write_json
+from pipeline.ray_runtime import RayStartError, start_ray
+from pipeline.sweep import SweepInterrupted, SweepRequest, tune_sweep
 
 LOG = logging.getLogger("frnet.tune")
-METRIC = "val_nme"
-TRIAL_DRIVER_CPU = 0.01
-
-
-@dataclass(frozen=True)
-class SweepContext:
-    """What every trial needs besides its sampled values (plain data: it travels to the trials)."""
-
-    name: str
-    run_dir: str
-    storage: str
-    base: dict[str, Any]  # the base TrainConfig, shards made absolute
-    sweep: dict[str, Any]  # the SweepConfig
-    tracking_uri: str
-    experiment_id: str
-    parent_run_id: str
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -90,281 +43,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not args.resume and args.space is None:
         parser.error("--space is required (unless --resume)")
     return args
-
-
-# -- the trial ----------------------------------------------------------------------------------
-
-def trial_config(context: SweepContext, searched: dict[str, Any], trial_id: str) -> TrainConfig:
-    """The base config with the trial's sampled values and the sweep's fixed keys."""
-    sweep = from_dict(SweepConfig, context.sweep, source="sweep")
-    gpus = sweep.trial.gpus_per_worker
-    fixed = {"epochs": sweep.epochs, "run.name": f"{context.name}-{trial_id}",
-             "run.storage_path": context.storage, "scaling.num_workers": sweep.trial.num_workers,
-             "scaling.cpus_per_worker": sweep.trial.cpus_per_worker, "scaling.use_gpu": gpus > 0,
-             "scaling.gpus_per_worker": gpus if gpus > 0 else 1.0}
-    base = from_dict(TrainConfig, context.base, source="base config")
-    return with_overrides(base, {**searched, **fixed}, source=f"trial {trial_id}")
-
-
-def run_trial(config: dict[str, Any], context: SweepContext) -> None:
-    """One Tune trial: a Ray Train run of the sampled config (Ray 2.60's Train-inside-Tune driver).
-    Its Train run is named after the trial, so a resumed trial continues from its last checkpoint."""
-    trial_id = ray.tune.get_context().get_trial_id()
-    train_config = trial_config(context, config["search"], trial_id)
-    manifest = read_manifest(train_config.data.shards)
-    run_id = nested_run(context, trial_id, train_config, config["search"])
-    trainer = make_trainer(train_config, Path(context.run_dir), manifest,
-                           {"tracking_uri": context.tracking_uri, "run_id": run_id},
-                           callbacks=[TuneReportCallback()])
-    trainer.fit()
-    mlflow.MlflowClient(context.tracking_uri).set_terminated(run_id, "FINISHED")
-
-
-def nested_run(context: SweepContext, trial_id: str, config: TrainConfig, searched: dict[str, Any]) -> str:
-    """The trial's MLflow run under the sweep's parent run (found again when a trial resumes)."""
-    client = mlflow.MlflowClient(context.tracking_uri)
-    existing = find_trial_run(client, context, trial_id)
-    if existing:
-        client.update_run(existing, status="RUNNING")
-        return existing
-    run = client.create_run(context.experiment_id, run_name=trial_id, tags={
-        MLFLOW_PARENT_RUN_ID: context.parent_run_id, "trial_id": trial_id, "sweep": context.name,
-        "searched": ", ".join(sorted(searched))})
-    params = [Param(key, value) for key, value in flatten(asdict(config)).items()]
-    for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-        client.log_batch(run.info.run_id, params=params[start:start + 100])
-    return run.info.run_id
-
-
-def find_trial_run(client: mlflow.MlflowClient, context: SweepContext, trial_id: str) -> str:
-    runs = client.search_runs(
-        [context.experiment_id],
-        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{context.parent_run_id}' "
-                      f"and tags.trial_id = '{trial_id}'")
-    return runs[0].info.run_id if runs else ""
-
-
-# -- the sweep ----------------------------------------------------------------------------------
-
-def search_domain(dimension: Dimension) -> Any:
-    if dimension.distribution == "uniform":
-        return ray.tune.uniform(dimension.low, dimension.high)
-    if dimension.distribution == "loguniform":
-        return ray.tune.loguniform(dimension.low, dimension.high)
-    if dimension.distribution == "randint":
-        return ray.tune.randint(int(dimension.low), int(dimension.high))
-    if dimension.distribution == "choice":
-        return ray.tune.choice(list(dimension.values))
-    return ray.tune.grid_search(list(dimension.values))
-
-
-def make_tuner(context: SweepContext, space: SearchSpace, sweep: SweepConfig, resume: bool) -> ray.tune.Tuner:
-    # The trial itself only waits on its Train run, whose workers hold the resources; Tune
-    # refuses an empty request, so it asks for a token share of a CPU.
-    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, context=context),
-                                        {"CPU": TRIAL_DRIVER_CPU})
-    filesystem, root = resolve(context.storage)
-    experiment = f"{context.storage.rstrip('/')}/{context.name}"
-    if resume:
-        if not ray.tune.Tuner.can_restore(experiment):
-            raise FileNotFoundError(f"{experiment}: no Tune state to resume")
-        return ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
-    if space.scheduler.name == "asha":
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=sweep.epochs,
-                                  grace_period=space.scheduler.grace_period,
-                                  reduction_factor=space.scheduler.reduction_factor)
-    else:
-        scheduler = FIFOScheduler()
-    return ray.tune.Tuner(
-        trainable,
-        param_space={"search": {key: search_domain(d) for key, d in space.dimensions.items()}},
-        tune_config=ray.tune.TuneConfig(
-            metric=METRIC, mode="min", scheduler=scheduler, num_samples=space.num_samples,
-            # Tune applies max_concurrent_trials only to a search algorithm it builds itself.
-            search_alg=BasicVariantGenerator(random_state=space.searcher.seed,
-                                             max_concurrent=sweep.max_concurrent_trials),
-            trial_name_creator=lambda trial: trial.trial_id,
-            trial_dirname_creator=lambda trial: trial.trial_id),
-        run_config=ray.tune.RunConfig(name=context.name, storage_path=context.storage, verbose=1),
-    )
-
-
-def collect_rows(grid: ray.tune.ResultGrid, context: SweepContext, epochs: int) -> list[TrialRow]:
-    client = mlflow.MlflowClient(context.tracking_uri)
-    rows = []
-    for result in grid:
-        trial_id = Path(result.path).name
-        frame = result.metrics_dataframe
-        curve, checkpoint = [], ""
-        if frame is not None and METRIC in frame:
-            frame = frame.dropna(subset=[METRIC]).drop_duplicates("epoch", keep="last")
-            curve = [(int(e), float(v)) for e, v in zip(frame["epoch"], frame[METRIC], strict=True)]
-            if curve and "checkpoint_path" in frame:
-                checkpoint = str(frame.loc[frame[METRIC].idxmin(), "checkpoint_path"])
-        if result.error is not None:
-            state = FAILED
-        else:
-            state = COMPLETED if curve and curve[-1][0] >= epochs else STOPPED
-        rows.append(TrialRow(trial_id, state, dict(result.config.get("search", {})), curve, checkpoint,
-                             find_trial_run(client, context, trial_id),
-                             "" if result.error is None else str(result.error).splitlines()[0][:300]))
-    return rows
-
-
-def close_trial_runs(rows: list[TrialRow], context: SweepContext) -> None:
-    """Each nested run ends as its trial did (ASHA stops a trial by ending its process)."""
-    client = mlflow.MlflowClient(context.tracking_uri)
-    for row in rows:
-        if not row.mlflow_run_id:
-            continue
-        client.set_tag(row.mlflow_run_id, "trial_state", row.state)
-        if row.best:
-            client.log_metric(row.mlflow_run_id, "best_val_nme", row.best[1])
-        status = {COMPLETED: "FINISHED", STOPPED: "KILLED", FAILED: "FAILED"}[row.state]
-        client.set_terminated(row.mlflow_run_id, status)
-
-
-def report_sweep(rows: list[TrialRow], space: SearchSpace, sweep_dir: Path) -> None:
-    """The results table and plots, written to the sweep folder and the parent run."""
-    keys = list(space.dimensions)
-    write_results_table(rows, keys, sweep_dir / "results.csv")
-    log_keys = {key: space.dimensions[key].distribution == "loguniform" for key in keys}
-    plot_against_keys(rows, log_keys, sweep_dir / "nme_vs_searched_keys.png")
-    plot_curves(rows, sweep_dir / "validation_curves.png")
-    names = ("results.csv", "nme_vs_searched_keys.png", "validation_curves.png", "space.yaml", "tune.yaml")
-    for name in names:
-        mlflow.log_artifact(str(sweep_dir / name), "sweep")
-
-
-def register_best(best: TrialRow, context: SweepContext, base: TrainConfig) -> dict[str, Any]:
-    """The best trial's best checkpoint: a model file, logged to the parent run, evaluated on
-    AFLW2000-3D and registered (``champion`` only if it beats the current one)."""
-    filesystem, _ = resolve(context.storage)
-    checkpoint = ray.train.Checkpoint(best.checkpoint_path, filesystem=filesystem)
-    model_path = copy_model_file(checkpoint, Path(context.run_dir) / "models" / f"{context.name}-best.pt")
-    bundle, _ = load_bundle(model_path)
-    model_uri = log_network(bundle.build_network(), model_path)
-    figures: dict[str, Any] = {"model_file": str(model_path), "model_uri": model_uri}
-    manifest = read_manifest(base.data.shards)
-    sweep = from_dict(SweepConfig, context.sweep, source="sweep")
-    if not sweep.register:
-        LOG.info("register: false in the sweep config; the best model is not registered")
-    elif "aflw2000" not in manifest:
-        LOG.warning("%s has no AFLW2000-3D shards (preprocess with --aflw2000): the best model is not "
-                    "evaluated or registered", base.data.shards)
-    else:
-        figures.update(evaluate_and_register(bundle, base, manifest, model_uri, context.parent_run_id))
-    return figures
-
-
-def prepare(args: argparse.Namespace) -> tuple[SweepContext, SearchSpace, SweepConfig, Path]:
-    """A new sweep (parent MLflow run, its folder) or, with --resume, the stored one."""
-    run_dir = args.run_dir.resolve()
-    overrides = {k: v for k, v in (("name", args.name), ("epochs", args.epochs)) if v is not None}
-    sweep = load_sweep_config(args.config, overrides)
-    sweep_dir = run_dir / "tune" / sweep.name
-    state_path = sweep_dir / "sweep.json"
-    if args.resume:
-        if not state_path.exists():
-            raise FileNotFoundError(f"{state_path}: no sweep named {sweep.name!r} to resume in {run_dir}")
-        context = SweepContext(**json.loads(state_path.read_text()))
-        base = from_dict(TrainConfig, context.base, source=str(state_path))
-        sweep = from_dict(SweepConfig, context.sweep, source=str(state_path))
-        return context, load_space(sweep_dir / "space.yaml", base), sweep, sweep_dir
-    if state_path.exists():
-        raise ValueError(f"a sweep named {sweep.name!r} exists in {sweep_dir}: --resume continues it, "
-                         "--name starts another")
-    base_overrides = {"data.shards": args.shards} if args.shards else {}
-    base = base_train_config(args.config, sweep, base_overrides)
-    if "://" not in base.data.shards:  # trials run in their own working directories
-        base = with_overrides(base, {"data.shards": str(Path(base.data.shards).resolve())}, "base config")
-    space = load_space(args.space, base)
-    if args.num_samples is not None:
-        space = SearchSpace(space.dimensions, args.num_samples, space.scheduler, space.searcher, space.source)
-    if space.scheduler.grace_period > sweep.epochs:
-        raise ConfigError(f"{args.space}: scheduler.grace_period {space.scheduler.grace_period} exceeds "
-                          f"the {sweep.epochs} epochs per trial")
-    manifest = read_manifest(base.data.shards)
-    mlflow.set_tracking_uri(tracking_uri(base.mlflow.tracking_uri, run_dir))
-    experiment_id = use_experiment(base.mlflow.experiment, run_dir)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    space_text = Path(args.space).read_text()
-    if args.num_samples is not None:  # the stored copy is what a resumed sweep reads
-        space_text = yaml.safe_dump({**yaml.safe_load(space_text), "num_samples": args.num_samples},
-                                    sort_keys=False)
-    (sweep_dir / "space.yaml").write_text(space_text)
-    (sweep_dir / "tune.yaml").write_text(yaml.safe_dump(to_plain(sweep), sort_keys=False))
-    with mlflow.start_run(run_name=sweep.name) as parent:
-        mlflow.set_tags({"sweep": sweep.name, "synthetic_data": str(manifest["morphable_model"]["source"]
-                                                                    == "synthetic")})
-        mlflow.log_params({**flatten(asdict(base), "base."), **flatten(asdict(sweep), "sweep."),
-                           **{f"space.{k}": _describe(d) for k, d in space.dimensions.items()},
-                           "space.num_samples": space.num_samples})
-        mlflow.log_dict(manifest, "manifest.json")
-    context = SweepContext(
-        name=sweep.name, run_dir=str(run_dir),
-        storage=sweep.storage_path or str(run_dir / "ray"), base=to_plain(base), sweep=to_plain(sweep),
-        tracking_uri=mlflow.get_tracking_uri(), experiment_id=experiment_id,
-        parent_run_id=parent.info.run_id)
-    state_path.write_text(json.dumps(asdict(context), indent=2) + "\n")
-    return context, space, sweep, sweep_dir
-
-
-def _describe(dimension: Dimension) -> str:
-    if dimension.distribution in ("choice", "grid"):
-        return f"{dimension.distribution}{list(dimension.values)}"
-    return f"{dimension.distribution}({dimension.low}, {dimension.high})"
-
-
-def tune_sweep(args: argparse.Namespace) -> dict[str, Any]:
-    """Run (or resume) a sweep; returns its figures."""
-    context, space, sweep, sweep_dir = prepare(args)
-    mlflow.set_tracking_uri(context.tracking_uri)
-    LOG.info("sweep %s: %d samples over %s, %s; MLflow parent run %s", context.name, space.num_samples,
-             ", ".join(space.dimensions), space.scheduler.name, context.parent_run_id)
-    grid = make_tuner(context, space, sweep, args.resume).fit()
-    finished = grid.num_terminated + grid.num_errors
-    if finished < expected_trials(space):
-        raise SweepInterrupted(
-            f"sweep {context.name} stopped before all {expected_trials(space)} trials finished; "
-            f"continue it with: frnet tune --config {args.config} --run-dir {args.run_dir} "
-            f"--name {context.name} --resume")
-    rows = collect_rows(grid, context, sweep.epochs)
-    close_trial_runs(rows, context)
-    figures: dict[str, Any] = {"sweep": context.name, "parent_run_id": context.parent_run_id,
-                               "tracking_uri": context.tracking_uri,
-                               "trials": [asdict(row) | {"best": row.best} for row in ranked(rows)]}
-    base = from_dict(TrainConfig, context.base, source="base config")
-    with mlflow.start_run(run_id=context.parent_run_id):
-        report_sweep(rows, space, sweep_dir)
-        usable = [row for row in ranked(rows) if row.best and row.checkpoint_path]
-        if not usable:
-            raise RuntimeError(f"sweep {context.name}: no trial reported a validation NME "
-                               f"(see {sweep_dir / 'results.csv'})")
-        best = usable[0]
-        mlflow.log_metrics({"best_val_nme": best.best[1], "trials_completed": _count(rows, COMPLETED),
-                            "trials_stopped_early": _count(rows, STOPPED),
-                            "trials_failed": _count(rows, FAILED)})
-        mlflow.set_tag("best_trial", best.trial_id)
-        figures["best_trial"] = best.trial_id
-        figures.update(register_best(best, context, base))
-    figures["synthetic_data"] = read_manifest(base.data.shards)["morphable_model"]["source"] == "synthetic"
-    figures["sweep_dir"] = str(sweep_dir)
-    return figures
-
-
-class SweepInterrupted(RuntimeError):
-    """The sweep stopped (Ctrl-C, SIGUSR1) before every trial finished; Tune saved its state."""
-
-
-def expected_trials(space: SearchSpace) -> int:
-    """``num_samples`` times the size of the grid (Tune repeats the grid per sample)."""
-    grid = math.prod(len(d.values) for d in space.dimensions.values() if d.distribution == "grid")
-    return space.num_samples * grid
-
-
-def _count(rows: list[TrialRow], state: str) -> int:
-    return sum(row.state == state for row in rows)
 
 
 def print_summary(figures: dict[str, Any]) -> None:
@@ -391,11 +69,17 @@ def _short(value: Any) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
-    if not ray.is_initialized():
-        init_ray(args.num_cpus, logging_level=logging.WARNING)
-    ray.data.DataContext.get_current().enable_progress_bars = False
     try:
-        figures = tune_sweep(args)
+        start_ray(args.num_cpus, logging_level=logging.WARNING)
+    except RayStartError as err:
+        LOG.error("%s", err)
+        return 2
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    request = SweepRequest(config=args.config, space=args.space, run_dir=args.run_dir, shards=args.shards,
+                           name=args.name, epochs=args.epochs, num_samples=args.num_samples,
+                           resume=args.resume)
+    try:
+        figures = tune_sweep(request)
     except SweepInterrupted as err:
         LOG.warning("%s", err)
         return 130

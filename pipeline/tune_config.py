@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.train_config import TrainConfig, to_plain
-from preprocessing.config import ConfigError, from_dict, load_config, read_yaml_mapping
+from pipeline.config import ConfigError, from_dict, load_config, read_yaml_mapping, with_overrides
+from pipeline.train_config import TrainConfig
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
 # Keys a sweep sets itself (trial names, resources, the store) or that would change the data.
@@ -133,18 +133,6 @@ def leaf_keys(cls: type = TrainConfig, prefix: str = "") -> dict[str, Any]:
         else:
             keys[f"{prefix}{item.name}"] = hint
     return keys
-
-
-def with_overrides(base: TrainConfig, overrides: dict[str, Any], source: str) -> TrainConfig:
-    """``base`` with dotted keys replaced, checked like a config file."""
-    data = to_plain(base)
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        target = data
-        for key in parents:
-            target = target[key]
-        target[leaf] = list(value) if isinstance(value, tuple) else value
-    return from_dict(TrainConfig, data, source=source)
 
 
 def _dimension(key: str, spec: Any, base: TrainConfig, source: str) -> Dimension:

@@ -15,17 +15,18 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from models.mirror import MirrorMap, mirror_params
-from models.morphable import IBUG_MIRROR_IDS
-from models.params import NUM_PARAMS
-from preprocessing.annotations import MatAnnotation
-from preprocessing.geometry import (
+from models.frame import (
     CROP_SIZE,
     apply_transform,
     box_transform,
     compose_transforms,
+    mirror_transform,
     warp_image,
 )
+from models.mirror import MirrorMap, mirror_params
+from models.morphable import IBUG_MIRROR_IDS
+from models.params import NUM_PARAMS
+from preprocessing.annotations import MatAnnotation
 from preprocessing.labels import label_from_annotation, transform_label
 
 IDENTITY_TRANSFORM = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
@@ -120,14 +121,9 @@ def jitter_transforms(u: np.ndarray, config: GeometricConfig, size: int = CROP_S
     return np.concatenate([linear, offset[..., None]], axis=-1)
 
 
-def flip_crop_transform(size: int = CROP_SIZE) -> np.ndarray:
-    """The horizontal mirror of a crop in 1-based coordinates: ``x -> size + 1 - x``."""
-    return np.array([[-1.0, 0.0, size + 1.0], [0.0, 1.0, 0.0]])
-
-
 # White noise is drawn once per process (fixed seed) and each noisy crop takes a window of it
-# at a random offset: drawing 43,200 normal deviates per crop cost more than everything else a
-# crop gets. Windows of one 512x512 field still give every crop its own noise pattern.
+# at a random offset, a far cheaper draw than 43,200 normal deviates per crop. Windows of one
+# 512x512 field still give every crop its own noise pattern.
 NOISE_FIELD_SIDE = 512
 
 
@@ -150,9 +146,8 @@ def _noise(shape: tuple[int, ...], u_top: float, u_left: float, rng: np.random.G
 
 def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
     """Gaussian blur of a uint8 image (H, W, C), the kernel out to 3 sigma each side (OpenCV's own
-    choice for 8-bit images), borders reflected. Two 1-D passes of the float kernel: on 120x120
-    crops cv2.GaussianBlur's bit-exact 8-bit path cost two to three times as much, for results
-    within one grey level of it."""
+    choice for 8-bit images), borders reflected: two 1-D passes of the float kernel, within one
+    grey level of cv2.GaussianBlur's slower bit-exact 8-bit path."""
     taps = int(round(6.0 * sigma + 1.0)) | 1
     kernel = cv2.getGaussianKernel(taps, sigma)
     return cv2.sepFilter2D(image, -1, kernel, kernel, borderType=cv2.BORDER_REFLECT_101)
@@ -295,5 +290,5 @@ def expected_crop_landmarks(
     """Where image landmarks (3, 68) land in an augmented crop, renumbered after a flip."""
     points = apply_transform(crop.transform, image_landmarks)
     if crop.flipped:
-        points = apply_transform(flip_crop_transform(size), points)[:, IBUG_MIRROR_IDS]
+        points = apply_transform(mirror_transform(size), points)[:, IBUG_MIRROR_IDS]
     return points

@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from models.face_models import load_face_model
+from models.frame import box_transform, crop_image, landmark_crop_box
 from models.mirror import mirror_map
 from models.morphable import MorphableModel
 from models.params import NUM_PARAMS, ParamStats, pose_angles
@@ -36,7 +37,6 @@ from preprocessing.annotations import MatAnnotation
 from preprocessing.augment import AugmentConfig, AugmentedCrop, plan_crops, render_crops
 from preprocessing.datasets import SampleRef, read_annotation, read_image, resolve
 from preprocessing.errors import DatasetError, InvalidValueError
-from preprocessing.geometry import box_transform, crop_image, landmark_crop_box
 from preprocessing.labels import (
     annotation_arrays,
     canonical_angles,
@@ -45,6 +45,7 @@ from preprocessing.labels import (
     labels_from_poses,
     posed_landmarks,
 )
+from preprocessing.manifest import SPLITS
 from preprocessing.shards import (
     QUARANTINE_SCHEMA,
     AtomicParquetWriter,
@@ -55,7 +56,6 @@ from preprocessing.shards import (
 )
 
 LOG = logging.getLogger(__name__)
-SPLITS = ("train", "val")
 # Landmark spread below this (crop pixels) is no face: a degenerate annotation.
 MIN_LANDMARK_EXTENT_PX = 2.0
 
@@ -349,14 +349,6 @@ def label_moments(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"count": np.array([len(labels)]), "mean": mean[None], "m2": m2[None]}
 
 
-def config_from_manifest(filesystem: pafs.FileSystem, output: str) -> dict | None:
-    info = filesystem.get_file_info(f"{output}/manifest.json")
-    if info.type != pafs.FileType.File:
-        return None
-    with filesystem.open_input_stream(f"{output}/manifest.json") as stream:
-        return json.loads(stream.read())
-
-
 def write_json(filesystem: pafs.FileSystem, path: str, data: dict) -> None:
     write_bytes_atomic(filesystem, path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
@@ -372,8 +364,7 @@ class ShardTask:
         self.jobs = jobs
         self.processor = ShardProcessor(config, strict)
         # What the actor holds by now (Ray, Ray Data, torch, the morphable model) lives as long as
-        # the actor: freezing it spares every full garbage collection a walk over it, which was
-        # 3-4% of the 2-CPU preprocessing rate (four A/B pairs of the benchmark's 2-CPU run).
+        # the actor: freezing it spares every full garbage collection a walk over it.
         gc.freeze()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:

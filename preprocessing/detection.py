@@ -4,11 +4,11 @@
     face-detector box that 3DDFA_V2's crop rule expects -> largest first
 
 Boxes are ``(x1, y1, x2, y2)`` in the project's 1-based pixel coordinates
-(:mod:`preprocessing.geometry`), the same thing ``frnet predict --box`` takes: a Haar hit covering
+(:mod:`models.frame`), the same thing ``frnet predict --box`` takes: a Haar hit covering
 array columns ``x .. x + w - 1`` spans ``x + 0.5 .. x + w + 0.5`` there.
 
 The Haar box is not the FaceBoxes box that 3DDFA_V2's crop rule (``detector_crop_box`` in
-:mod:`preprocessing.geometry`) was designed for: it is larger and sits higher. The box wanted is
+:mod:`models.frame`) was designed for: it is larger and sits higher. The box wanted is
 the one whose 3DDFA_V2 crop equals the benchmark ROI of the ground-truth landmarks. Measured with
 the default cascade and the parameters below on the two real faces in the reference data
 (AFLW2000-3D image00427, yaw 7 deg, pitch 23 deg; 300W-LP IBUG_image_008_1_0, yaw -44 deg), each at

@@ -10,7 +10,7 @@ For a box ``(sx, sy, ex, ey)`` with crop scales ``s_x = 120 / (ex - sx)``, ``s_y
     alpha_shp  = Shape_Para[:40],   alpha_exp = Exp_Para[:10]
 
 so that the label's landmarks, mapped to crop pixels (``y_crop = 121 - y``, see
-:mod:`preprocessing.geometry`) and back through the box, are the .mat's image-space landmarks
+:mod:`models.frame`) and back through the box, are the .mat's image-space landmarks
 ``X = scale R S + t`` with image row ``H + 1 - X_y``.
 """
 
@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from models.frame import CROP_SIZE, box_scales, crop_to_image, param_frame_to_crop, reflect
 from models.morphable import MorphableModel
 from models.params import (
     EXPRESSION_SLICE,
@@ -35,7 +36,6 @@ from models.params import (
 )
 from preprocessing.annotations import MatAnnotation
 from preprocessing.errors import InvalidValueError
-from preprocessing.geometry import CROP_SIZE, box_scales, crop_to_image, param_frame_to_crop
 
 
 def annotation_arrays(annotations: Sequence[MatAnnotation]) -> tuple[np.ndarray, np.ndarray]:
@@ -58,7 +58,7 @@ def posed_landmarks(
     shape = model.shapes(params, model.landmark_indices)
     points = scale[..., None, None] * (rotation_from_angles(pitch, yaw, roll) @ shape)
     points += np.stack([tx, ty, tz], axis=-1)[..., None]
-    points[..., 1, :] = np.asarray(image_heights, dtype=np.float64)[..., None] + 1 - points[..., 1, :]
+    points[..., 1, :] = reflect(points[..., 1, :], np.asarray(image_heights, dtype=np.float64)[..., None])
     return points
 
 
@@ -84,7 +84,7 @@ def labels_from_poses(
     scaled_rotation = scale[..., None, None] * rotation_from_angles(pitch, yaw, roll) * row_scales
     translation = np.stack([
         s_x * (tx - boxes[..., 0]),
-        size + 1 - s_y * (heights + 1 - ty - boxes[..., 1]),
+        reflect(s_y * (reflect(ty, heights) - boxes[..., 1]), size),
         s_z * tz,
     ], axis=-1)
     alpha_shp, alpha_exp = params[..., SHAPE_SLICE], params[..., EXPRESSION_SLICE]
@@ -119,7 +119,7 @@ def pose_para_from_label(
     # like, see canonical_angles.
     scale, rotation = scale_rotation_from_camera(image_scaled)
     tx = translation[0] / s_x + box[0]
-    ty = image_height + 1 - box[1] - (size + 1 - translation[1]) / s_y
+    ty = reflect(box[1], image_height) - reflect(translation[1], size) / s_y
     tz = translation[2] / s_z
     return np.concatenate([angles_from_rotation(rotation), [tx, ty, tz, scale]])
 
@@ -170,7 +170,7 @@ def transform_label(label: np.ndarray, transform: np.ndarray, size: int = CROP_S
     new_rotation = np.empty(scaled_rotation.shape)
     new_rotation[..., :2, :] = g @ scaled_rotation[..., :2, :]
     new_rotation[..., 2, :] = s * scaled_rotation[..., 2, :]
-    top = np.array([0.0, size + 1.0])
+    top = np.array([0.0, reflect(0.0, size)])
     new_translation = np.empty(translation.shape)
     new_translation[..., :2] = ((g @ (translation[..., :2] - top)[..., None])[..., 0]
                                 + offset * [1.0, -1.0] + top)

@@ -1,31 +1,52 @@
-"""Pictures: landmarks drawn on crops, and crops tiled into one sheet."""
+"""Pictures: landmarks and boxes drawn on images, and images tiled into one sheet.
+
+Points are given in the picture's own 1-based pixel coordinates (:mod:`models.frame`); a canvas
+enlarged by :func:`enlarge` is drawn on with the same points and its ``scale``.
+"""
 
 from __future__ import annotations
 
 import cv2
 import numpy as np
 
+from models.frame import drawing_positions
+
 # The iBUG 68 groups drawn as polylines (0-based, end exclusive), closed where the shape is.
 LANDMARK_GROUPS = ((0, 17, False), (17, 22, False), (22, 27, False), (27, 31, False),
                    (31, 36, False), (36, 42, True), (42, 48, True), (48, 60, True), (60, 68, True))
+LANDMARK_BGR = (0, 255, 0)
+BOX_BGR = (255, 128, 0)
+
+
+def enlarge(image: np.ndarray, scale: int) -> np.ndarray:
+    """``image`` (H, W, 3) resized ``scale`` times (bilinear), for drawing on at a finer grain."""
+    return cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
 
 
 def draw_landmarks(
-    image: np.ndarray, landmarks: np.ndarray, colour: tuple[int, int, int] = (0, 255, 0),
-    upscale: int = 3,
+    canvas: np.ndarray, landmarks: np.ndarray, colour: tuple[int, int, int] = LANDMARK_BGR,
+    scale: int = 1,
 ) -> np.ndarray:
-    """A copy of ``image`` (H, W, 3) enlarged ``upscale`` times with landmarks (2+, 68) drawn.
+    """A copy of ``canvas`` with the 68 landmarks (2+, 68) drawn as points and outlines.
 
-    Landmarks are in the image's 1-based pixel coordinates (see :mod:`preprocessing.geometry`).
+    ``landmarks`` are in 1-based pixels of the picture before it was enlarged ``scale`` times.
     """
-    canvas = cv2.resize(image, None, fx=upscale, fy=upscale, interpolation=cv2.INTER_LINEAR)
-    # Pixel centre (x, y) (1-based) sits at upscale * (x - 0.5) in the enlarged image.
-    points = (np.asarray(landmarks[:2], dtype=np.float64).T - 0.5) * upscale
+    canvas = canvas.copy()
+    points = drawing_positions(landmarks, scale)
     for start, end, closed in LANDMARK_GROUPS:
         polyline = np.round(points[start:end]).astype(np.int32)
         cv2.polylines(canvas, [polyline], closed, colour, 1, cv2.LINE_AA)
     for x, y in np.round(points).astype(np.int32):
         cv2.circle(canvas, (int(x), int(y)), 2, colour, -1, cv2.LINE_AA)
+    return canvas
+
+
+def draw_box(canvas: np.ndarray, box: np.ndarray, colour: tuple[int, int, int] = BOX_BGR,
+             scale: int = 1) -> np.ndarray:
+    """A copy of ``canvas`` with the box (sx, sy, ex, ey), 1-based pixels, drawn."""
+    canvas = canvas.copy()
+    corners = np.round(drawing_positions(np.reshape(box, (2, 2)).T, scale)).astype(int)  # (2, 2)
+    cv2.rectangle(canvas, tuple(int(v) for v in corners[0]), tuple(int(v) for v in corners[1]), colour, 1)
     return canvas
 
 

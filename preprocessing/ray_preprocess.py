@@ -24,17 +24,23 @@ import ray
 from models.face_models import load_face_model
 from models.mirror import mirror_map
 from preprocessing.dataflow import (
-    SPLITS,
     PreprocessConfig,
     ShardJob,
     ShardTask,
     combine_stats,
-    config_from_manifest,
     finished_record,
     shard_jobs,
-    write_json,
 )
 from preprocessing.datasets import list_300w_lp, list_aflw2000, resolve
+from preprocessing.manifest import (
+    MANIFEST_FILE,
+    SPLITS,
+    EvaluationShards,
+    LabelModel,
+    Manifest,
+    find_manifest,
+    write_manifest,
+)
 
 LOG = logging.getLogger(__name__)
 OUTPUT_FOLDERS = ("train", "val", "quarantine", "aflw2000", "aflw2000-quarantine", "_shards")
@@ -57,15 +63,15 @@ def code_version() -> str:
 
 def _prepare_output(filesystem: pafs.FileSystem, output: str, config: PreprocessConfig, input_root: str,
                     overwrite: bool) -> None:
-    previous = config_from_manifest(filesystem, output)
+    previous = None if overwrite else find_manifest(filesystem, output)
     if previous is not None:
-        same = previous.get("config_digest") == config.digest() and previous.get("input") == input_root
-        if not same and not overwrite:
+        same = previous.config_digest == config.digest() and previous.input == input_root
+        if not same:
             raise OutputExistsError(
-                f"{output} holds shards of another config or input ({previous.get('config_digest')}, "
-                f"{previous.get('input')}); pass --overwrite to replace them or choose another --output")
+                f"{output} holds shards of another config or input ({previous.config_digest}, "
+                f"{previous.input}); pass --overwrite to replace them or choose another --output")
     if overwrite:
-        for folder in (*OUTPUT_FOLDERS, "manifest.json"):
+        for folder in (*OUTPUT_FOLDERS, MANIFEST_FILE):
             info = filesystem.get_file_info(f"{output}/{folder}")
             if info.type == pafs.FileType.Directory:
                 filesystem.delete_dir(info.path)
@@ -127,7 +133,7 @@ def _counts(records: list[dict]) -> dict[str, Any]:
 def run_preprocess(
     input_root: str, output: str, config: PreprocessConfig, aflw2000_root: str | None = None,
     strict: bool = False, overwrite: bool = False, workers: int | None = None,
-) -> dict[str, Any]:
+) -> Manifest:
     """Preprocess a 300W-LP tree (and an AFLW2000-3D folder) into shards; returns the manifest."""
     filesystem, out_path = resolve(output)
     _, in_path = resolve(input_root)
@@ -151,30 +157,25 @@ def run_preprocess(
     stats = combine_stats([r["moments"] for r in train_records])
     model = load_face_model(config.morphable_model)
     mirror_residual = mirror_map(model).residual if config.augment.geometric.flip_probability > 0 else None
-    manifest = {
-        "input": in_path,
-        "output": out_path,
-        "counts": counts,
-        "quarantine": _quarantine_rows(filesystem, out_path, "quarantine", train_records),
-        "splits": {s: sorted(f"{s}/part-{r['shard']:05d}.parquet" for r in train_records) for s in SPLITS},
-        "whitening": stats.to_dict() | {"identity": stats.identity},
-        "morphable_model": {"source": config.morphable_model, "identity": model.identity,
-                            "flip_mirror_residual": mirror_residual},
-        "image_format": config.image_format,
-        "config": asdict(config),
-        "config_digest": config.digest(),
-        "code_version": code_version(),
-    }
+    evaluation = None
     if aflw2000_root:
-        manifest["aflw2000"] = {
-            "input": resolve(aflw2000_root)[1],
-            "counts": _counts(eval_records),
-            "quarantine": _quarantine_rows(filesystem, out_path, "aflw2000-quarantine", eval_records),
-            "shards": sorted(f"aflw2000/part-{r['shard']:05d}.parquet" for r in eval_records),
-        }
+        evaluation = EvaluationShards(
+            input=resolve(aflw2000_root)[1], counts=_counts(eval_records),
+            quarantine=_quarantine_rows(filesystem, out_path, "aflw2000-quarantine", eval_records),
+            shards=tuple(sorted(f"aflw2000/part-{r['shard']:05d}.parquet" for r in eval_records)))
+    manifest = Manifest(
+        input=in_path, output=out_path, counts=counts,
+        quarantine=_quarantine_rows(filesystem, out_path, "quarantine", train_records),
+        splits={split: tuple(sorted(f"{split}/part-{r['shard']:05d}.parquet" for r in train_records))
+                for split in SPLITS},
+        whitening=stats,
+        morphable_model=LabelModel(config.morphable_model, model.identity, mirror_residual),
+        image_format=config.image_format, config=asdict(config), config_digest=config.digest(),
+        code_version=code_version(), aflw2000=evaluation,
+    )
     if counts["inputs"] != counts["written"] + counts["quarantined"]:
         raise AssertionError(f"counts do not reconcile: {counts}")
-    write_json(filesystem, f"{out_path}/manifest.json", manifest)
+    write_manifest(filesystem, out_path, manifest)
     return manifest
 
 

@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from models.frame import CROP_SIZE
 from models.params import NUM_PARAMS
 
 IMAGE_FORMATS = ("jpeg", "png", "raw")
@@ -85,7 +86,7 @@ def encode_image(image: np.ndarray, image_format: str, jpeg_quality: int = 95) -
     return encoded.tobytes()
 
 
-def decode_image(data: bytes, image_format: str, size: int = 120) -> np.ndarray:
+def decode_image(data: bytes, image_format: str, size: int = CROP_SIZE) -> np.ndarray:
     """Inverse of :func:`encode_image`: (size, size, 3) uint8 BGR."""
     if image_format == "raw":
         return np.frombuffer(data, dtype=np.uint8).reshape(size, size, 3)
@@ -123,8 +124,7 @@ def table_from_rows(rows: list[dict], schema: pa.Schema) -> pa.Table:
 
 
 # zstd level for image columns already entropy-coded (JPEG, PNG): what zstd still finds there is
-# the header every crop repeats, which its fastest levels find as well. On 120x120 JPEG q95 crops
-# level -5 wrote the shard 0.2% larger than level 1 and the image column a third faster.
+# the header every crop repeats, which its fastest levels find as well (docs/shards.md).
 ENCODED_IMAGE_ZSTD_LEVEL = -5
 ZSTD_LEVEL = 1
 

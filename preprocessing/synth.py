@@ -33,11 +33,11 @@ import numpy as np
 import scipy.io
 
 from models.evaluation import AFLW21_FROM_68
+from models.frame import landmark_crop_box, reflect
 from models.mirror import mirror_map
 from models.params import NUM_EXPRESSION, NUM_SHAPE, rotation_from_angles
 from models.synthetic_face import SyntheticHead, build_synthetic_head
 from preprocessing.datasets import SUBSETS_300W_LP
-from preprocessing.geometry import landmark_crop_box
 from preprocessing.render import Lighting, random_background, random_lighting, render_mesh
 
 LOG = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def mirrored_pose(pose_para: np.ndarray) -> np.ndarray:
     mirrored = np.array(pose_para, dtype=np.float32, copy=True)
     mirrored[1] = -mirrored[1]
     mirrored[2] = -mirrored[2]
-    mirrored[3] = IMAGE_SIZE + 1 - mirrored[3]
+    mirrored[3] = reflect(mirrored[3], IMAGE_SIZE)
     return mirrored
 
 
@@ -209,7 +209,7 @@ def image_space_vertices(head: SyntheticHead, spec: FaceSpec) -> np.ndarray:
     params[12:52] = spec.shape_para
     params[52:] = spec.exp_para
     points = pose[6] * rotation_from_angles(*pose[:3]) @ head.model.shapes(params) + pose[3:6, None]
-    points[1] = IMAGE_SIZE + 1 - points[1]
+    points[1] = reflect(points[1], IMAGE_SIZE)
     return points
 
 

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from models.frame import crop_image, landmark_crop_box
 from models.morphable import MorphableModel
 from preprocessing.datasets import list_300w_lp, list_aflw2000, read_annotation, read_image
 from preprocessing.errors import DatasetError
-from preprocessing.geometry import crop_image, landmark_crop_box
 from preprocessing.labels import crop_landmarks, image_landmarks, label_from_annotation, landmarks_in_image
 
 

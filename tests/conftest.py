@@ -64,10 +64,10 @@ def ray_local():
     """One local Ray for the whole session (2 CPUs), shut down at the end."""
     import ray
 
-    from pipeline.common import init_ray
+    from pipeline.ray_runtime import start_ray
 
     if not ray.is_initialized():
-        init_ray(2, log_to_driver=False, logging_level="WARNING")
+        start_ray(2, log_to_driver=False, logging_level="WARNING")
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from preprocessing.geometry import (
+from models.frame import (
     crop_affine,
     crop_image,
     crop_to_image,

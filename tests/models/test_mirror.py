@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
+from models.frame import param_frame_to_crop
 from models.mirror import mirror_map, mirror_params
 from models.morphable import IBUG_MIRROR_IDS, MorphableModel, MorphableModelError
 from models.params import pose_angles, rotation_from_angles
 from models.synthetic_face import build_synthetic_head
-from preprocessing.geometry import param_frame_to_crop
 from tests.conftest import shared_path
 
 

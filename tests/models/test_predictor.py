@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
+from models.frame import crops_to_tensor, nme
 from models.mobilenet_v1 import load_3ddfa_v2_checkpoint
 from models.morphable import MorphableModel
 from models.params import ParamStats
-from models.predictor import FacePredictor, crops_to_tensor
-from preprocessing.geometry import nme
+from models.predictor import FacePredictor
 from tests.conftest import shared_path
 
 

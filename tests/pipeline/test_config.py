@@ -2,7 +2,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from preprocessing.config import ConfigError, from_dict, load_config
+from pipeline.config import ConfigError, from_dict, load_config
 from preprocessing.synth import SynthConfig
 from tests.conftest import REPO_ROOT
 

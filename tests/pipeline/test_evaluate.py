@@ -11,17 +11,17 @@ import scipy.io
 
 from models.checkpoint import ModelBundle, load_bundle, save_bundle
 from models.face_models import load_face_model
-from models.params import ParamStats
-from models.registry import build_model
-from pipeline import evaluate
-from preprocessing.datasets import list_aflw2000, read_annotation
-from preprocessing.geometry import (
+from models.frame import (
     crop_image,
     crop_to_image,
     landmark_crop_box,
     nme,
     param_frame_to_crop,
 )
+from models.params import ParamStats
+from models.registry import build_model
+from pipeline import evaluate, scoring
+from preprocessing.datasets import list_aflw2000, read_annotation
 from preprocessing.labels import canonical_angles, label_from_annotation
 from preprocessing.synth import SynthConfig, generate
 from tests.conftest import real_face_image, shared_path
@@ -248,8 +248,8 @@ def test_true_labels_score_zero(synthetic_folder):
         annotation = read_annotation(filesystem, ref)
         labels.append(label_from_annotation(annotation, landmark_crop_box(annotation.pt3d_68), 450))
     oracle = OraclePredictor(load_face_model("synthetic"), labels)
-    predictions = evaluate.predict_aflw2000(oracle, filesystem, refs, 4, lambda done, total: None)
-    reports, _ = evaluate.aflw2000_reports(predictions, None, None)
+    predictions = scoring.predict_aflw2000(oracle, filesystem, refs, 4, lambda done, total: None)
+    reports, _ = scoring.aflw2000_reports(predictions, None, None)
     # Crop box, parameter frame and the way back to the image all agree with the .mat's pt3d_68
     # (stored as float32, hence not exactly 0).
     assert reports["aflw2000"]["nme_per_sample_mean"] < 1e-6

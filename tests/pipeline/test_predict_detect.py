@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from models.checkpoint import ModelBundle, save_bundle
+from models.frame import DETECTOR_BOX_FACTOR, DETECTOR_BOX_SHIFT, landmark_crop_box, nme
 from models.mobilenet_v1 import load_3ddfa_v2_checkpoint
 from models.morphable import MorphableModel
 from models.params import ParamStats
@@ -16,7 +17,6 @@ from pipeline import predict
 from preprocessing import detection
 from preprocessing.annotations import parse_mat
 from preprocessing.detection import HaarFaceDetector, haar_to_detector_boxes, largest_first
-from preprocessing.geometry import DETECTOR_BOX_FACTOR, DETECTOR_BOX_SHIFT, landmark_crop_box, nme
 from preprocessing.labels import image_landmarks
 from tests.conftest import real_face_image, shared_path
 

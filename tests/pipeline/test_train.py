@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from models.checkpoint import load_bundle
-from pipeline.train import train
 from pipeline.train_config import DataConfig, RunConfig, ScalingConfig, TrainConfig
+from pipeline.training import train
 from preprocessing.synth import SynthConfig, generate
 from tests.conftest import tiny_shards
 

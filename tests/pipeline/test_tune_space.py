@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.config import ConfigError, with_overrides
 from pipeline.train_config import TrainConfig
-from pipeline.tune_config import base_train_config, load_space, load_sweep_config, with_overrides
-from preprocessing.config import ConfigError
+from pipeline.tune_config import base_train_config, load_space, load_sweep_config
 
 REPO = Path(__file__).resolve().parents[2]
 

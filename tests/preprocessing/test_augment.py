@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
+from models.frame import landmark_crop_box
 from models.mirror import mirror_map
 from preprocessing.augment import (
     AugmentConfig,
@@ -18,7 +19,6 @@ from preprocessing.augment import (
     render_crops,
 )
 from preprocessing.datasets import list_300w_lp, read_annotation, read_image
-from preprocessing.geometry import landmark_crop_box
 from preprocessing.labels import annotation_arrays, crop_landmarks, image_landmarks, labels_from_poses
 from preprocessing.synth import SynthConfig, generate
 

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
+from models.frame import landmark_crop_box, nme
 from preprocessing.annotations import MatAnnotation, parse_mat
 from preprocessing.datasets import list_aflw2000, read_annotation
-from preprocessing.geometry import landmark_crop_box, nme
 from preprocessing.labels import (
     canonical_angles,
     crop_landmarks,

@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.io
 
+from pipeline.config import load_config
 from preprocessing.augment import AugmentConfig
-from preprocessing.config import load_config
 from preprocessing.dataflow import PreprocessConfig
 from preprocessing.ray_preprocess import OutputExistsError, run_preprocess
 from preprocessing.shards import decode_image
@@ -49,14 +49,14 @@ def read_split(output, split):
 
 def test_counts_reconcile_and_rows_are_complete(clean_run):
     output, manifest = clean_run
-    counts = manifest["counts"]
+    counts = manifest.counts
     assert counts["inputs"] == 24 and counts["written"] == 24 and counts["quarantined"] == 0
     train, val = read_split(output, "train"), read_split(output, "val")
     assert len(train) + len(val) == 24 * 2 == sum(counts["rows"].values())
     assert len({r["id"] for r in train + val}) == len(train) + len(val)
-    assert manifest["aflw2000"]["counts"]["written"] == 6
-    assert manifest["morphable_model"]["identity"].startswith("synthetic-head@")
-    assert manifest["config_digest"] == SMALL.digest() and manifest["code_version"]
+    assert manifest.aflw2000.counts["written"] == 6
+    assert manifest.morphable_model.identity.startswith("synthetic-head@")
+    assert manifest.config_digest == SMALL.digest() and manifest.code_version
 
 
 def test_split_by_subject_keeps_views_flips_and_crops_together(clean_run):
@@ -85,8 +85,8 @@ def test_shards_read_with_plain_pyarrow_and_labels_match_landmarks(clean_run, sy
 def test_whitening_statistics_equal_numpy_over_the_training_labels(clean_run):
     output, manifest = clean_run
     labels = np.array([r["label"] for r in read_split(output, "train")], dtype=np.float64)
-    np.testing.assert_allclose(manifest["whitening"]["mean"], labels.mean(0), rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(manifest["whitening"]["std"], np.maximum(labels.std(0), 1e-8), rtol=1e-7)
+    np.testing.assert_allclose(manifest.whitening.mean, labels.mean(0), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(manifest.whitening.std, np.maximum(labels.std(0), 1e-8), rtol=1e-7)
 
 
 def test_aflw2000_shards_keep_the_ground_truth(clean_run, folders):
@@ -135,10 +135,10 @@ def test_bad_files_are_quarantined_and_counts_reconcile(folders, ray_local, tmp_
     shutil.copytree(folders / "300W_LP", root)
     planted = plant_bad_files(root)
     manifest = run_preprocess(str(root), str(tmp_path / "out"), SMALL)
-    counts = manifest["counts"]
+    counts = manifest.counts
     assert counts["quarantined"] == len(planted) == 7
     assert counts["inputs"] == 24 == counts["written"] + counts["quarantined"]
-    found = {q["file"]: (q["stage"], q["reason"]) for q in manifest["quarantine"]}
+    found = {q["file"]: (q["stage"], q["reason"]) for q in manifest.quarantine}
     assert set(found) == set(planted)
     for file, (stage, reason) in planted.items():
         assert found[file][0] == stage and reason in found[file][1], (file, found[file])

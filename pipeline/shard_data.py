@@ -1,0 +1,71 @@
+"""Reading the Parquet shards on the driver: Ray datasets for training and validation, and the
+AFLW2000-3D evaluation shards as batches of faces to score."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+
+from models.frame import CROP_SIZE
+from preprocessing.benchmark_sets import FaceBatch
+from preprocessing.datasets import resolve
+from preprocessing.manifest import SPLITS, Manifest
+from preprocessing.shards import decode_image
+
+TRAINING_COLUMNS = ["image", "label", "landmarks"]
+EVALUATION_COLUMNS = ["id", "image", "roi_box", "pt3d_68", "yaw"]
+DECODE_BATCH_ROWS = 256
+
+
+def decode_batch(batch: dict[str, np.ndarray], image_format: str) -> dict[str, np.ndarray]:
+    """Shard rows -> uint8 images (B, 120, 120, 3) and float32 labels (B, 62) / landmarks (B, 204)."""
+    images = np.stack([decode_image(data, image_format, CROP_SIZE) for data in batch["image"]])
+    return {
+        "image": images,
+        "label": np.asarray(np.stack(batch["label"]), dtype=np.float32),
+        "landmarks": np.asarray(np.stack(batch["landmarks"]), dtype=np.float32),
+    }
+
+
+def shard_datasets(shards: str, manifest: Manifest, cache_decoded: bool = False,
+                   ) -> dict[str, ray.data.Dataset]:
+    """Ray datasets of the train and val shards, decoded to uint8 crops in Ray Data tasks (once,
+    into the object store, with ``cache_decoded``; otherwise again every epoch)."""
+    filesystem, root = resolve(shards)
+    datasets = {}
+    for split in SPLITS:
+        paths = [f"{root}/{name}" for name in manifest.splits[split]]
+        if not paths:
+            raise ValueError(f"{shards}: the {split} split is empty")
+        dataset = ray.data.read_parquet(paths, filesystem=filesystem).select_columns(TRAINING_COLUMNS)
+        dataset = dataset.map_batches(decode_batch, fn_kwargs={"image_format": manifest.image_format},
+                                      batch_format="numpy", batch_size=DECODE_BATCH_ROWS)
+        datasets[split] = dataset.materialize() if cache_decoded else dataset
+    return datasets
+
+
+def evaluation_batches(shards: str, manifest: Manifest, batch_size: int = 64) -> Iterator[FaceBatch]:
+    """The AFLW2000-3D faces ``frnet preprocess --aflw2000`` wrote, in batches."""
+    if manifest.aflw2000 is None:
+        raise ValueError(f"{shards}: no AFLW2000-3D shards (preprocess with --aflw2000)")
+    filesystem, root = resolve(shards)
+    for name in manifest.aflw2000.shards:
+        table = pq.read_table(f"{root}/{name}", filesystem=filesystem, columns=EVALUATION_COLUMNS)
+        for start in range(0, table.num_rows, batch_size):
+            rows = table.slice(start, batch_size).to_pylist()
+            crops = [decode_image(row["image"], manifest.image_format, CROP_SIZE) for row in rows]
+            yield FaceBatch(
+                stems=[row["id"] for row in rows],
+                crops=np.stack(crops),
+                boxes=np.array([row["roi_box"] for row in rows], dtype=np.float64),
+                truth=np.array([row["pt3d_68"] for row in rows], dtype=np.float64).reshape(-1, 3, 68),
+                yaw_deg=np.rad2deg(np.array([row["yaw"] for row in rows], dtype=np.float64)),
+            )
+
+
+def evaluation_count(manifest: Manifest) -> int:
+    """How many AFLW2000-3D faces the evaluation shards hold."""
+    return 0 if manifest.aflw2000 is None else int(manifest.aflw2000.counts["written"])

@@ -1,0 +1,52 @@
+"""A training run on the driver: MLflow run, Ray Train fit, best model file, evaluation gate.
+
+Re-running with the same ``run.name`` resumes from the run's latest checkpoint. After training,
+the best checkpoint (by validation NME) is written to RUN_DIR/models/NAME.pt and logged to
+MLflow; with AFLW2000-3D shards beside the training shards it is evaluated and registered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from models.checkpoint import load_bundle
+from pipeline.config import to_plain
+from pipeline.registration import evaluate_and_register
+from pipeline.tracking import (
+    active_run,
+    current_store,
+    log_metrics,
+    log_network,
+    log_run_config,
+    open_store,
+)
+from pipeline.train_config import TrainConfig
+from pipeline.trainer import best_model_file, make_trainer
+from preprocessing.manifest import read_manifest
+
+
+def train(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
+    """Train, log to MLflow and write the best model file; returns the run's figures."""
+    run_dir = run_dir.resolve()
+    manifest = read_manifest(config.data.shards)
+    open_store(config.mlflow.tracking_uri, run_dir, config.mlflow.experiment)
+    synthetic = manifest.morphable_model.synthetic
+    tags = {"synthetic_data": str(synthetic), "morphable_model": manifest.morphable_model.identity}
+    with active_run(name=config.run.name) as run:
+        log_run_config(asdict(config), yaml.safe_dump(to_plain(config), sort_keys=False), manifest.to_dict(),
+                       tags)
+        result = make_trainer(config, run_dir, manifest, run).fit()
+        model_path, metrics = best_model_file(result, run_dir / "models" / f"{config.run.name}.pt")
+        bundle, _ = load_bundle(model_path)
+        model_uri = log_network(bundle.build_network(), model_path)
+        log_metrics({"best_val_nme": metrics["val_nme"], "best_epoch": metrics["epoch"]})
+        figures = {"run_id": run.run_id, "tracking_uri": current_store(), "model_uri": model_uri,
+                   "model_file": str(model_path), "best": metrics, "synthetic_data": synthetic}
+        if manifest.aflw2000 is not None:
+            figures.update(evaluate_and_register(bundle, config.data.shards, manifest,
+                                                 config.mlflow.registered_model, model_uri, run.run_id))
+    return figures
