@@ -1,94 +1,14 @@
 """Mobile-FRNet (Li et al., ICPR 2020) and its two ablations, as configurations of one network.
 
-The body is MobileNetV2's table (Sandler et al., 2018): a 3x3 stride-2 stem conv of 32 channels,
-then Layers of inverted-residual blocks given as rows ``(t, c, n, s)`` -- expansion ratio t,
-output channels c, repeats n, stride s of the first repeat -- then a 1x1 conv to 1280 channels,
-global average pooling and a 1x1 conv to the 62 parameters. A "Layer" is one row of the table.
-
-Mobile-FRNet changes two things (the "MobileBlock" and the Layer attention):
-
-* every block's depthwise stage becomes a multi-scale representation and the block ends in an
-  SGE module (Spatial Group-wise Enhance, Li, Hu, Yang 2019);
-* every Layer ends in an SE module (Squeeze-and-Excitation, Hu et al. 2018).
-
-Choices the paper leaves open, and why they were made so:
-
-* **Multi-scale form** -- a Res2Net-style hierarchical split of the depthwise stage into
-  ``s`` equal channel groups: ``y_1 = K_1(x_1)``, ``y_i = K_i(x_i + y_(i-1))``, concatenated
-  and fed to the block's 1x1 projection (which plays Res2Net's closing 1x1). Each ``K_i`` is a
-  3x3 depthwise conv + BN + ReLU6, so group i sees a (2i+1)x(2i+1) window. Unlike Res2Net, the
-  first group is convolved too (``K_1``, not an identity): the depthwise conv is the block's
-  only spatial operator, and an identity group would leave those channels with no spatial
-  context at all; with ``K_1`` the block keeps the plain block's 3x3 view for every channel and
-  only *adds* larger ones. It also keeps the parameter count of the plain block, where an
-  identity group would remove depthwise weights -- the paper's no-attention net is larger than
-  MobileNetV2, not smaller. Blocks with stride 2 cannot add a strided ``y_(i-1)`` to an
-  unstrided ``x_i``; there, as in Res2Net's first block of a stage, the groups are convolved
-  independently, which is exactly a plain 3x3 depthwise conv, so those blocks use one (4 of
-  the 17 blocks).
-* **How many scales** -- ``s = 2`` (3x3 and 5x5 views), and 3 on the one block with 144
-  expanded channels, where halves of 72 would not be whole 16-channel blocks
-  (:func:`multi_scale_groups`). The paper gives no s; Res2Net's default is 4. Every extra
-  scale is three more sequential operations per block (a 1x1 conv, an addition, a depthwise
-  conv), and at batch 1 on a CPU these cost far more than their arithmetic: in single-thread
-  onnxruntime s >= 3 made the whole network 1.12x and s >= 4 1.22x as slow as s = 2 (figures
-  below). The group widths are kept whole multiples of 16 channels because onnxruntime's CPU
-  convolutions run in a blocked layout of 16 channels (AVX-512; 8 with AVX2): a group that is
-  not whole blocks falls back to plain NCHW kernels with a layout conversion on each side.
-* **How the split is computed** -- each group ``x_i`` comes from its own 1x1 expansion conv +
-  BN + ReLU6 (:class:`SplitConvBNReLU6`): these are the rows of the block's one expansion conv
-  and the channels of its BN, so the function and the parameters are those of one expansion
-  followed by a channel split. On the first block (t = 1, no expansion) the stem conv is split
-  the same way and hands the block its two halves. Split and Slice have no blocked-layout
-  kernel in onnxruntime; the previous form (one expansion conv, then ``torch.split``) put two
-  layout conversions and an unblocked addition around every block.
-* **Where SGE sits** -- on the block's output, after the projection's BN and before the residual
-  addition, as in the SGE paper's ResNets ("after the last BatchNorm of each bottleneck"). There
-  it runs on the narrow output channels (16-320) rather than the 6x wider expanded ones.
-* **SGE groups** -- the paper's G = 64 does not divide 24, 96 or 160 output channels, and 16 or
-  32 channels cannot hold 64 groups. ``sge_groups`` takes ``gcd(C, 64)`` groups, halved until
-  every group holds at least 2 channels (DAMDNet's 2 channels a group as the floor): 64 groups
-  on 320 channels, 32 on 64/96/160, 16 on 32, 8 on 16 and 24. Its normalisation of ``c`` over
-  positions is an instance norm whose affine weight and bias are SGE's gamma (init 0) and beta
-  (init 1): the same formula as SGE (biased variance, eps inside the root; gamma absorbs the
-  difference from SGE's unbiased std), and a single ONNX ``InstanceNormalization`` node.
-* **How SGE is computed** -- with 4-D tensors only: the mean feature by a mean over positions,
-  the per-group sum of ``g * x`` by a grouped 1x1 conv with a constant all-ones kernel, and a
-  group's gate copied to its channels by an index gather. The earlier 5-D view of the groups
-  made the exporter spell out the dynamic batch size as Shape/Slice/Concat/Reshape arithmetic
-  (about 190 of its 645 onnxruntime nodes) and forced layout conversions; the grouped all-ones
-  conv is counted by the flop counter (C*H*W multiply-adds per block, 0.17 M in all) where the
-  equivalent elementwise sums were not. The instance norm has no blocked-layout kernel, so each
-  SGE still runs between two layout conversions: about 10 onnxruntime nodes per block.
-* **Where SE sits** -- on each Layer's output, after the last block's residual addition: the
-  paper says "after every Layer", so one SE per table row, 7 in all.
-* **SE reduction** -- ``r = 1`` (no squeeze bottleneck). The 7 Layer outputs have sum c^2 =
-  143,168, so SE adds about ``2 * 143,168 / r`` weights; the paper's attention budget
-  (2.60 M - 2.40 M = 0.20 M) implies r ~ 1.4. r = 1 gives 2.59 M in all (paper 2.60 M);
-  r = 2 gives 2.45 M, 5.8 % under the paper, r = 4 and 16 lower still. ECA-Net (Wang et al.,
-  CVPR 2020) found SE's dimensionality reduction harmful, so r = 1 is no odd choice either.
-  Its two fully connected layers are 1x1 convs on the pooled (B, C, 1, 1) features.
-* **Head** -- global average pooling (one ``GlobalAveragePool``, which stays in the blocked
-  layout), then the 1x1 conv to 62 with a bias and no dropout (the paper mentions none).
-
-**Speed.** Batch-1 single-thread CPU latency follows the number of operations and layout
-conversions more than MACs. Measured with ``benchmarks/onnx_latency.py``'s session (one
-thread, all graph optimisations) on Machine A of BENCHMARKS.md, as the median of per-round
-latency ratios to 3DDFA_V2's MobileNetV1 (177 M MACs) in one interleaved run of 2000 calls
-each: the previous form (4 scales by Split/Concat, SGE on 5-D views) 1.30; this form 0.985;
-this form with s >= 3 1.10, with s >= 4 1.20; with the previous SGE 1.08; with the previous
-Split/Concat multi-scale stage (s = 4) 1.20. MobileNetV2 was 0.68 and the no-attention net
-0.76: the 17 SGE and 7 SE modules (205 of Mobile-FRNet's 316 nodes after onnxruntime's graph
-optimisation; the no-attention net has 111, MobileNetV2 56, MobileNetV1 30) cost 0.23 of
-MobileNetV1's latency, the multi-scale stages 0.08. The margin is small, and a machine busy
-with other work slows these many small operations more than MobileNetV1's few large
-convolutions (the same comparison has measured 1.05 under load).
-
-Parameter counts at 120x120 with 62 outputs: Mobile-FRNet 2.592 M (paper 2.60), no-attention
-2.303 M (paper 2.40, -4.0 %), MobileNetV2 2.303 M (paper 2.38, -3.2 %). The multi-scale form
-costs no parameters, so the two ablations are equal where the paper has them 0.02 M apart. The
-0.08 M by which a plain torchvision-layout MobileNetV2 with a 62-output head falls short of the
-paper's MobileNetV2 the paper does not explain.
+The body is MobileNetV2's table (Sandler et al., 2018): rows ``(t, c, n, s)`` -- expansion
+ratio t, output channels c, repeats n, stride s of the first repeat -- of inverted-residual
+blocks; a "Layer" is one row. Mobile-FRNet makes every block's depthwise stage multi-scale
+(Res2Net-style hierarchical groups) ending in SGE (Spatial Group-wise Enhance), and ends every
+Layer in SE (Squeeze-and-Excitation). The choices the paper leaves open (number of scales, how
+the split and SGE are computed, SGE groups, SE reduction r = 1) and why each was made are in
+``docs/architecture.md``; in short, they keep the paper's parameter budget (2.592 M against
+its 2.60 M) and keep operations few and in onnxruntime's blocked layout, since batch-1 CPU
+latency follows operations and layout conversions more than MACs.
 """
 
 from __future__ import annotations
