@@ -15,11 +15,15 @@ The 62-d parameter's own frame has y pointing up: ``y_crop = size + 1 - y_param`
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
-import torch
+
+# The torch forms import torch themselves: the numpy users (preprocessing's Ray Data tasks) would
+# otherwise pay for importing it in every process.
+if TYPE_CHECKING:
+    import torch
 
 CROP_SIZE = 120
 # Network input (3DDFA's, kept so published checkpoints work unchanged): the crop in BGR order,
@@ -123,6 +127,8 @@ def param_frame_to_crop(points: np.ndarray, size: int = CROP_SIZE) -> np.ndarray
 
 def param_frame_to_crop_torch(points: torch.Tensor, size: int = CROP_SIZE) -> torch.Tensor:
     """:func:`param_frame_to_crop` for a batch of torch points (B, 3, K)."""
+    import torch
+
     return torch.stack([points[:, 0], reflect(points[:, 1], size), points[:, 2]], 1)
 
 
@@ -162,6 +168,8 @@ def nme(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
 def nme_torch(predicted: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """:func:`nme` of a batch of torch landmarks (B, 2+, K) -> (B,); a degenerate truth bbox is
     floored at 1e-6 so that one bad row cannot turn a batch mean into inf."""
+    import torch
+
     extent = truth[:, :2].amax(dim=2) - truth[:, :2].amin(dim=2)  # (B, 2)
     norm = torch.sqrt(extent[:, 0] * extent[:, 1]).clamp_min(1e-6)
     error = torch.linalg.vector_norm(predicted[:, :2] - truth[:, :2], dim=1).mean(dim=1)
@@ -175,6 +183,8 @@ def normalise_input(images: torch.Tensor) -> torch.Tensor:
 
 def crops_to_tensor(crops: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     """BGR uint8 crops (B, 120, 120, 3) as numpy -> the network's contiguous float32 input."""
+    import torch
+
     crops = np.asarray(crops)
     if crops.ndim != 4 or crops.shape[1:] != (CROP_SIZE, CROP_SIZE, 3):
         raise ValueError(f"expected crops of shape (B, {CROP_SIZE}, {CROP_SIZE}, 3), got {crops.shape}")
