@@ -19,8 +19,10 @@ from pathlib import Path
 
 import ray
 
+from pipeline.cluster_storage import check_shared, preprocessing_folders
 from pipeline.common import setup_logging, write_json
-from pipeline.config import ConfigError, from_dict, load_config
+from pipeline.config import ConfigError, from_dict, load_config, with_overrides
+from pipeline.paths import RULE, input_location, input_path, model_source
 from pipeline.ray_runtime import RayStartError, start_ray
 from preprocessing.dataflow import PreprocessConfig
 from preprocessing.datasets import resolve
@@ -32,7 +34,8 @@ LOG = logging.getLogger("frnet.preprocess")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="frnet preprocess", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="frnet preprocess", description=__doc__.split("\n\n")[0],
+                                     epilog=RULE)
     parser.add_argument("--input", required=True, help="300W-LP folder or URI")
     parser.add_argument("--output", required=True, help="shard folder or URI")
     parser.add_argument("--config", type=Path, help="YAML with PreprocessConfig's keys")
@@ -49,8 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
     try:
-        config = load_config(args.config, PreprocessConfig) if args.config else \
+        config = load_config(input_path(args.config, "--config"), PreprocessConfig) if args.config else \
             from_dict(PreprocessConfig, {}, source="defaults")
+        config = with_overrides(config, {"morphable_model": model_source(config.morphable_model,
+                                                                          "morphable_model")}, "config")
+        source = input_location(args.input, "--input")
+        aflw2000 = None if args.aflw2000 is None else input_location(args.aflw2000, "--aflw2000")
         start_ray(args.num_cpus, dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     except (ConfigError, RayStartError) as err:
         LOG.error("%s", err)
@@ -59,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
-        manifest = run_preprocess(args.input, args.output, config, aflw2000_root=args.aflw2000,
+        check_shared(preprocessing_folders(source, args.output, aflw2000))
+        manifest = run_preprocess(source, args.output, config, aflw2000_root=aflw2000,
                                   strict=args.strict, overwrite=args.overwrite)
     except (DatasetError, OutputExistsError, FileNotFoundError, ValueError) as err:
         LOG.error("%s", err)

@@ -24,7 +24,9 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from models.checkpoint import load_bundle
+from pipeline.cluster_storage import check_shared, training_folders
 from pipeline.config import ConfigError, from_dict, to_plain, with_overrides
+from pipeline.paths import input_location
 from pipeline.registration import evaluate_and_register
 from pipeline.sweep_report import COMPLETED, FAILED, STOPPED, TrialRow, plot_against_keys, plot_curves, ranked
 from pipeline.sweep_report import write_table as write_results_table
@@ -61,6 +63,8 @@ from preprocessing.manifest import read_manifest
 LOG = logging.getLogger("frnet.tune")
 METRIC = "val_nme"
 TRIAL_DRIVER_CPU = 0.01
+# A resource Ray gives the head node only.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
 
 
 @dataclass(frozen=True)
@@ -146,9 +150,10 @@ def search_domain(dimension: Dimension) -> Any:
 
 def make_tuner(context: SweepContext, space: SearchSpace, sweep: SweepConfig, resume: bool) -> ray.tune.Tuner:
     # The trial itself only waits on its Train run, whose workers hold the resources; Tune
-    # refuses an empty request, so it asks for a token share of a CPU.
+    # refuses an empty request, so it asks for a token share of a CPU. Trials run on the head
+    # node, as the sweep's driver does: their Train controllers log the epochs to the store there.
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, context=context),
-                                        {"CPU": TRIAL_DRIVER_CPU})
+                                        {"CPU": TRIAL_DRIVER_CPU, HEAD_NODE_RESOURCE: TRIAL_DRIVER_CPU})
     filesystem, root = resolve(context.storage)
     experiment = f"{context.storage.rstrip('/')}/{context.name}"
     if resume:
@@ -259,8 +264,9 @@ def prepare(args: SweepRequest) -> tuple[SweepContext, SearchSpace, SweepConfig,
                          "--name starts another")
     base_overrides = {"data.shards": args.shards} if args.shards else {}
     base = base_train_config(args.config, sweep, base_overrides)
-    if "://" not in base.data.shards:  # trials run in their own working directories
-        base = with_overrides(base, {"data.shards": str(Path(base.data.shards).resolve())}, "base config")
+    # Trials run in working directories of their own, perhaps on other nodes: an absolute path.
+    shards = input_location(base.data.shards, "--shards" if args.shards else "data.shards")
+    base = with_overrides(base, {"data.shards": shards}, "base config")
     space = load_space(args.space, base)
     if args.num_samples is not None:
         space = SearchSpace(space.dimensions, args.num_samples, space.scheduler, space.searcher, space.source)
@@ -268,6 +274,9 @@ def prepare(args: SweepRequest) -> tuple[SweepContext, SearchSpace, SweepConfig,
         raise ConfigError(f"{args.space}: scheduler.grace_period {space.scheduler.grace_period} exceeds "
                           f"the {sweep.epochs} epochs per trial")
     manifest = read_manifest(base.data.shards)
+    storage = sweep.storage_path or str(run_dir / "ray")
+    setting = "storage_path" if sweep.storage_path else "storage_path (empty: RUN_DIR/ray)"
+    check_shared(training_folders(storage, f"{args.config}: {setting}", base.data.shards))
     experiment_id = open_store(base.mlflow.tracking_uri, run_dir, base.mlflow.experiment)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     space_text = Path(args.space).read_text()
@@ -284,7 +293,7 @@ def prepare(args: SweepRequest) -> tuple[SweepContext, SearchSpace, SweepConfig,
         log_dict(manifest.to_dict(), "manifest.json")
     context = SweepContext(
         name=sweep.name, run_dir=str(run_dir),
-        storage=sweep.storage_path or str(run_dir / "ray"), base=to_plain(base), sweep=to_plain(sweep),
+        storage=storage, base=to_plain(base), sweep=to_plain(sweep),
         tracking_uri=parent.tracking_uri, experiment_id=experiment_id, parent_run_id=parent.run_id)
     state_path.write_text(json.dumps(asdict(context), indent=2) + "\n")
     return context, space, sweep, sweep_dir

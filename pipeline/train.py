@@ -18,7 +18,8 @@ from pathlib import Path
 import ray
 
 from pipeline.common import setup_logging, write_json
-from pipeline.config import ConfigError, from_overrides, load_config
+from pipeline.config import ConfigError, from_overrides, load_config, with_overrides
+from pipeline.paths import RULE, input_location, input_path
 from pipeline.ray_runtime import RayStartError, start_ray
 from pipeline.train_config import TrainConfig
 from pipeline.training import train
@@ -27,7 +28,7 @@ LOG = logging.getLogger("frnet.train")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="frnet train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="frnet train", description=__doc__.split("\n\n")[0], epilog=RULE)
     parser.add_argument("--config", type=Path, help="YAML with TrainConfig's keys (configs/train.yaml)")
     parser.add_argument("--shards", help="override data.shards: a `frnet preprocess` output")
     parser.add_argument("--epochs", type=int, help="override epochs")
@@ -40,11 +41,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def load_train_config(args: argparse.Namespace) -> TrainConfig:
+    """The config file with the flags over it; its shard folder found by the input-path rule."""
     overrides = {key: value for key, value in (("data.shards", args.shards), ("epochs", args.epochs),
                                                 ("run.name", args.name)) if value is not None}
     if args.config:
-        return load_config(args.config, TrainConfig, overrides)
-    return from_overrides(TrainConfig, overrides, source="command line")
+        config = load_config(input_path(args.config, "--config"), TrainConfig, overrides)
+    else:
+        config = from_overrides(TrainConfig, overrides, source="command line")
+    shards = input_location(config.data.shards, "--shards" if args.shards else "data.shards")
+    return with_overrides(config, {"data.shards": shards}, source="command line")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,14 @@
-"""Building Ray Train's TorchTrainer for a config, and getting its best model file back."""
+"""Building Ray Train's TorchTrainer for a config, logging its epochs, getting its best model
+file back.
+
+The epochs reach MLflow from :class:`EpochLogger`, a Train callback that runs in the Train
+controller beside the driver, so a store on the driver's node (the default sqlite file) is
+right wherever the workers run.
+"""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -10,33 +17,69 @@ from ray.train.torch import TorchTrainer
 
 from models.face_models import load_face_model
 from pipeline.shard_data import shard_datasets
-from pipeline.tracking import TrackingTarget
+from pipeline.tracking import TrackingTarget, log_epoch_metrics, tag_run
 from pipeline.train_config import TrainConfig
-from pipeline.worker import CHECKPOINT_FILE, WorkerInputs, loop_config, train_loop_per_worker
+from pipeline.worker import CHECKPOINT_FILE, NODE_ID_KEY, WorkerInputs, loop_config, train_loop_per_worker
 from preprocessing.manifest import Manifest
 
+LOG = logging.getLogger("frnet.train")
+NODE_IDS_TAG = "train.node_ids"
 
-def worker_inputs(manifest: Manifest, tracking: TrackingTarget | None) -> WorkerInputs:
+
+class EpochLogger(ray.train.UserCallback):
+    """Each report's epoch metrics (rank 0's) into the MLflow run ``target``, and the node of
+    every worker as the tag ``train.node_ids`` (sorted, comma-joined) whenever it changes."""
+
+    def __init__(self, target: TrackingTarget) -> None:
+        self.target = target
+        self.node_ids: list[str] = []
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]],
+                     checkpoint: ray.train.Checkpoint | None) -> None:
+        node_ids = [str(worker_metrics.get(NODE_ID_KEY)) for worker_metrics in metrics]
+        if node_ids != self.node_ids:
+            self.node_ids = node_ids
+            LOG.info("%d workers on %d nodes (node id by rank): %s", len(node_ids), len(set(node_ids)),
+                     ", ".join(node_ids))
+            tag_run(self.target, NODE_IDS_TAG, ",".join(sorted(node_ids)))
+        log_epoch_metrics(self.target, epoch_figures(metrics[0]))
+
+
+def epoch_figures(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A report's figures without the worker's node id."""
+    return {key: value for key, value in metrics.items() if key != NODE_ID_KEY}
+
+
+def worker_inputs(manifest: Manifest) -> WorkerInputs:
     """The workers' inputs from the shards' manifest; the morphable model that labelled the
-    shards must still be the one its source names."""
+    shards (it must still be the one its source names) is loaded here, once, and handed to the
+    workers through the object store."""
     labels = manifest.morphable_model
     model = load_face_model(labels.source)
     if model.identity != labels.identity:
         raise ValueError(f"the shards were labelled with {labels.identity}, "
                          f"but {labels.source!r} is now {model.identity}")
-    return WorkerInputs(manifest.whitening, labels.source, model.identity, tracking)
+    return WorkerInputs(manifest.whitening, ray.put(model), labels.source, model.identity)
+
+
+def storage_location(config: TrainConfig, run_dir: Path) -> str:
+    """Where Ray Train keeps the run's checkpoints: ``run.storage_path``, else RUN_DIR/ray."""
+    return config.run.storage_path or str((run_dir / "ray").resolve())
 
 
 def make_trainer(config: TrainConfig, run_dir: Path, manifest: Manifest, tracking: TrackingTarget | None,
                  callbacks: list[ray.train.UserCallback] | None = None) -> TorchTrainer:
     """A TorchTrainer for ``config``; ``tracking`` names the MLflow run that gets the epochs."""
-    storage = config.run.storage_path or str((run_dir / "ray").resolve())
+    storage = storage_location(config, run_dir)
+    # The epoch reaches MLflow before any other callback sees it: Tune's, reporting to a
+    # scheduler, may end the trial on it.
+    callbacks = [*([EpochLogger(tracking)] if tracking is not None else []), *(callbacks or [])]
     resources = {"CPU": config.scaling.cpus_per_worker}
     if config.scaling.use_gpu:
         resources["GPU"] = config.scaling.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(config, worker_inputs(manifest, tracking)),
+        train_loop_config=loop_config(config, worker_inputs(manifest)),
         scaling_config=ray.train.ScalingConfig(num_workers=config.scaling.num_workers,
                                                use_gpu=config.scaling.use_gpu,
                                                resources_per_worker=resources,
@@ -55,7 +98,7 @@ def make_trainer(config: TrainConfig, run_dir: Path, manifest: Manifest, trackin
 def best_model_file(result: ray.train.Result, destination: Path) -> tuple[Path, dict[str, Any]]:
     """Copy the best checkpoint's model file (lowest val_nme) to ``destination``."""
     checkpoint, metrics = min(result.best_checkpoints, key=lambda pair: pair[1]["val_nme"])
-    return copy_model_file(checkpoint, destination), metrics
+    return copy_model_file(checkpoint, destination), epoch_figures(metrics)
 
 
 def copy_model_file(checkpoint: ray.train.Checkpoint, destination: Path) -> Path:

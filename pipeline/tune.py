@@ -19,6 +19,8 @@ from typing import Any
 import ray
 
 from pipeline.common import setup_logging, write_json
+from pipeline.config import ConfigError
+from pipeline.paths import RULE, input_path
 from pipeline.ray_runtime import RayStartError, start_ray
 from pipeline.sweep import SweepInterrupted, SweepRequest, tune_sweep
 
@@ -26,7 +28,7 @@ LOG = logging.getLogger("frnet.tune")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="frnet tune", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="frnet tune", description=__doc__.split("\n\n")[0], epilog=RULE)
     parser.add_argument("--config", type=Path, required=True, help="the sweep's YAML (configs/tune.yaml)")
     parser.add_argument("--space", type=Path, help="the search space (tune_spaces/NAME.yaml); "
                         "with --resume, the sweep's own copy is used")
@@ -75,9 +77,14 @@ def main(argv: list[str] | None = None) -> int:
         LOG.error("%s", err)
         return 2
     ray.data.DataContext.get_current().enable_progress_bars = False
-    request = SweepRequest(config=args.config, space=args.space, run_dir=args.run_dir, shards=args.shards,
-                           name=args.name, epochs=args.epochs, num_samples=args.num_samples,
-                           resume=args.resume)
+    try:
+        request = SweepRequest(config=input_path(args.config, "--config"),
+                               space=None if args.space is None else input_path(args.space, "--space"),
+                               run_dir=args.run_dir, shards=args.shards, name=args.name, epochs=args.epochs,
+                               num_samples=args.num_samples, resume=args.resume)
+    except ConfigError as err:
+        LOG.error("%s", err)
+        return 2
     try:
         figures = tune_sweep(request)
     except SweepInterrupted as err:

@@ -3,7 +3,9 @@ validation at a time, rank 0 reporting each epoch with a checkpoint.
 
 The worker rebuilds its :class:`~pipeline.train_config.TrainConfig` and
 :class:`WorkerInputs` from the plain data of ``train_loop_config``; the pieces it puts together
-(networks, losses, the morphable model, whitening, the frame) live in ``models``.
+(networks, losses, the morphable model, whitening, the frame) live in ``models``. Workers read
+no file by path but the shards, and log nowhere: each report carries the worker's node id, and
+the driver's side (:class:`pipeline.trainer.EpochLogger`) writes the epochs to MLflow.
 """
 
 from __future__ import annotations
@@ -25,42 +27,40 @@ import torch
 from torch import nn
 
 from models.checkpoint import ModelBundle, bundle_from_dict, save_bundle
-from models.face_models import load_face_model
 from models.frame import nme_torch, normalise_input, param_frame_to_crop_torch
 from models.losses import FRNetLoss, dewhiten
 from models.morphable import MorphableModel
 from models.params import ParamStats
 from models.registry import build_model
 from pipeline.config import from_dict
-from pipeline.tracking import TrackingTarget, log_epoch_metrics, tag_run
 from pipeline.train_config import OptimConfig, TrainConfig
 
 LOG = logging.getLogger("frnet.train")
 CHECKPOINT_FILE = "model.pt"
-NODE_IDS_TAG = "train.node_ids"
+# Each report names the Ray node of the worker that made it.
+NODE_ID_KEY = "node_id"
 
 
 @dataclass(frozen=True)
 class WorkerInputs:
-    """What every worker needs besides the config: the shards' whitening statistics, the
-    morphable model that labelled them, and the MLflow run rank 0 logs the epochs to."""
+    """What every worker needs besides the config: the shards' whitening statistics and the
+    morphable model that labelled them, loaded once on the driver and put in the object store
+    (``morphable_model``), with the source and identity that model files record."""
 
     whitening: ParamStats
+    morphable_model: ray.ObjectRef
     morphable_source: str
     morphable_identity: str
-    tracking: TrackingTarget | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data for ``train_loop_config``."""
-        return {"whitening": self.whitening.to_dict(), "morphable_source": self.morphable_source,
-                "morphable_identity": self.morphable_identity,
-                "tracking": None if self.tracking is None else asdict(self.tracking)}
+        """Plain data (and the model's object reference) for ``train_loop_config``."""
+        return {"whitening": self.whitening.to_dict(), "morphable_model": self.morphable_model,
+                "morphable_source": self.morphable_source, "morphable_identity": self.morphable_identity}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> WorkerInputs:
-        tracking = data["tracking"]
-        return cls(ParamStats.from_dict(data["whitening"]), data["morphable_source"],
-                   data["morphable_identity"], None if tracking is None else TrackingTarget(**tracking))
+        return cls(ParamStats.from_dict(data["whitening"]), data["morphable_model"], data["morphable_source"],
+                   data["morphable_identity"])
 
 
 def loop_config(config: TrainConfig, inputs: WorkerInputs) -> dict[str, Any]:
@@ -82,6 +82,7 @@ class Worker:
     device: torch.device
     rank: int
     world_size: int
+    node_id: str
 
     @property
     def use_gpu(self) -> bool:
@@ -155,13 +156,12 @@ def start_worker(config: TrainConfig, inputs: WorkerInputs) -> Worker:
     context = ray.train.get_context()
     rank = context.get_world_rank()
     device = ray.train.torch.get_device()
-    _record_nodes(_gather_node_ids(), rank, inputs.tracking)
     if config.deterministic:
         ray.train.torch.enable_reproducibility(seed=config.seed)
     torch.manual_seed(config.seed + rank)
     # Intra-op threads to match the CPUs Ray gave this worker; more would oversubscribe the node.
     torch.set_num_threads(max(1, round(config.scaling.cpus_per_worker)))
-    face_model = load_face_model(inputs.morphable_source)
+    face_model: MorphableModel = ray.get(inputs.morphable_model)
     network = build_model(config.model.arch, config.model.width)
     if device.type == "cuda" and config.channels_last:
         network = network.to(memory_format=torch.channels_last)
@@ -173,7 +173,7 @@ def start_worker(config: TrainConfig, inputs: WorkerInputs) -> Worker:
                         omega=config.loss.omega, epsilon=config.loss.epsilon,
                         num_resampled=config.loss.num_resampled)
     return Worker(config, inputs, network, optimizer, scheduler, loss_fn, face_model, device, rank,
-                  context.get_world_size())
+                  context.get_world_size(), ray.get_runtime_context().get_node_id())
 
 
 def train_epoch(worker: Worker, epoch: int) -> EpochSums:
@@ -237,16 +237,14 @@ def epoch_metrics(epoch: int, sums: EpochSums, val_sum: float, val_count: float,
 
 
 def report_epoch(worker: Worker, metrics: dict[str, float]) -> None:
-    """Every worker reports (a barrier); rank 0 attaches the checkpoint and logs the epoch."""
+    """Every worker reports with its node id (a barrier); rank 0 attaches the checkpoint."""
     if worker.rank != 0:
-        ray.train.report(metrics)
+        ray.train.report({**metrics, NODE_ID_KEY: worker.node_id})
         return
     config = worker.config
     LOG.info("epoch %d/%d  loss %.4f (wpdc %.4f, wing %.4f)  val NME %.3f%%  lr %.2e  %.0f samples/s",
              metrics["epoch"], config.epochs, metrics["train_loss"], metrics["train_wpdc"],
              metrics["train_wing"], 100 * metrics["val_nme"], metrics["lr"], metrics["samples_per_second"])
-    if worker.inputs.tracking is not None:
-        log_epoch_metrics(worker.inputs.tracking, metrics)
     state = {k: v.detach().cpu() for k, v in _unwrap(worker.network).state_dict().items()}
     bundle = ModelBundle(
         arch=config.model.arch, width=config.model.width, state_dict=state,
@@ -257,31 +255,11 @@ def report_epoch(worker: Worker, metrics: dict[str, float]) -> None:
                 "scheduler": worker.scheduler.state_dict(), "metrics": metrics}
     with tempfile.TemporaryDirectory() as folder:
         save_bundle(Path(folder) / CHECKPOINT_FILE, bundle, training)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        ray.train.report({**metrics, NODE_ID_KEY: worker.node_id},
+                         checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-def _gather_node_ids() -> list[str]:
-    """The Ray node id of every worker, in rank order (a collective: every worker calls it)."""
-    node_id = ray.get_runtime_context().get_node_id()
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return [node_id]
-    node_ids: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(node_ids, node_id)
-    return node_ids
-
-
-def _record_nodes(node_ids: list[str], rank: int, tracking: TrackingTarget | None) -> None:
-    """Rank 0 logs where the workers run and tags the driver's MLflow run with it
-    (``train.node_ids``: one id per worker, sorted, comma-joined)."""
-    if rank != 0:
-        return
-    LOG.info("%d workers on %d nodes (node id by rank): %s", len(node_ids), len(set(node_ids)),
-             ", ".join(node_ids))
-    if tracking is not None:
-        tag_run(tracking, NODE_IDS_TAG, ",".join(sorted(node_ids)))
-
 
 def _unwrap(network: nn.Module) -> nn.Module:
     return network.module if hasattr(network, "module") else network

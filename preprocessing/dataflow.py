@@ -27,8 +27,8 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 import pyarrow.fs as pafs
+import ray
 
-from models.face_models import load_face_model
 from models.frame import box_transform, crop_image, landmark_crop_box
 from models.mirror import mirror_map
 from models.morphable import MorphableModel
@@ -155,10 +155,10 @@ CropOutput = tuple[str, AugmentedCrop, dict[str, Any]]
 class ShardProcessor:
     """Turns one shard's source files into its Parquet files. Built once per task."""
 
-    def __init__(self, config: PreprocessConfig, strict: bool) -> None:
+    def __init__(self, config: PreprocessConfig, strict: bool, model: MorphableModel) -> None:
         self.config = config
         self.strict = strict
-        self.model: MorphableModel = load_face_model(config.morphable_model)
+        self.model = model
         needs_mirror = config.augment.geometric.flip_probability > 0
         self.mirror = mirror_map(self.model) if needs_mirror else None
 
@@ -354,15 +354,19 @@ def write_json(filesystem: pafs.FileSystem, path: str, data: dict) -> None:
 
 
 class ShardTask:
-    """The Ray Data callable: one batch holds shard indices; each is processed in full."""
+    """The Ray Data callable: one batch holds shard indices; each is processed in full. The
+    morphable model comes from the driver (the object store), never from a path on this node."""
 
-    def __init__(self, jobs: dict[str, ShardJob], config: PreprocessConfig, strict: bool) -> None:
+    def __init__(self, jobs: dict[str, ShardJob], config: PreprocessConfig, strict: bool,
+                 model: MorphableModel | ray.ObjectRef) -> None:
         # This actor process is one of the pool's workers: the pool is the parallelism, so
         # OpenCV's own thread pool would only oversubscribe the cores Ray gave the actor.
         cv2.setNumThreads(max(1, int(config.num_cpus_per_task)))
         self.worker = f"{socket.gethostname()}:{os.getpid()}"  # in each shard's record
         self.jobs = jobs
-        self.processor = ShardProcessor(config, strict)
+        if isinstance(model, ray.ObjectRef):
+            model = ray.get(model)
+        self.processor = ShardProcessor(config, strict, model)
         # What the actor holds by now (Ray, Ray Data, torch, the morphable model) lives as long as
         # the actor: freezing it spares every full garbage collection a walk over it.
         gc.freeze()

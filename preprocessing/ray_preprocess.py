@@ -23,6 +23,7 @@ import ray
 
 from models.face_models import load_face_model
 from models.mirror import mirror_map
+from models.morphable import MorphableModel
 from preprocessing.dataflow import (
     PreprocessConfig,
     ShardJob,
@@ -81,7 +82,7 @@ def _prepare_output(filesystem: pafs.FileSystem, output: str, config: Preprocess
 
 
 def _run_jobs(jobs: list[ShardJob], config: PreprocessConfig, strict: bool, filesystem: pafs.FileSystem,
-              workers: int) -> list[dict]:
+              workers: int, model: MorphableModel) -> list[dict]:
     digest = config.digest()
     records, pending = [], []
     for job in jobs:
@@ -94,7 +95,8 @@ def _run_jobs(jobs: list[ShardJob], config: PreprocessConfig, strict: bool, file
     size = max(1, min(workers, len(pending)))
     dataset = ray.data.from_items([{"key": job.key} for job in pending], override_num_blocks=len(pending))
     dataset = dataset.map_batches(
-        ShardTask, fn_constructor_args=({job.key: job for job in pending}, config, strict), batch_size=1,
+        ShardTask, fn_constructor_args=({job.key: job for job in pending}, config, strict, ray.put(model)),
+        batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=size), num_cpus=config.num_cpus_per_task,
     )
     started = time.perf_counter()
@@ -137,7 +139,7 @@ def run_preprocess(
     """Preprocess a 300W-LP tree (and an AFLW2000-3D folder) into shards; returns the manifest."""
     filesystem, out_path = resolve(output)
     _, in_path = resolve(input_root)
-    load_face_model(config.morphable_model)  # fail fast on a bad model source, before Ray starts
+    model = load_face_model(config.morphable_model)  # once, here: the shard tasks get its arrays
     _prepare_output(filesystem, out_path, config, in_path, overwrite)
     _, refs = list_300w_lp(input_root)
     jobs = shard_jobs(refs, in_path, out_path, config.sources_per_shard, "train")
@@ -150,12 +152,11 @@ def run_preprocess(
         workers = max(1, int(ray.cluster_resources().get("CPU", 1) // config.num_cpus_per_task))
     LOG.info("%d source files (+%d AFLW2000-3D) in %d shards, %d workers", len(refs), len(eval_refs),
              len(jobs), workers)
-    records = _run_jobs(jobs, config, strict, filesystem, workers)
+    records = _run_jobs(jobs, config, strict, filesystem, workers, model)
     train_records = [r for r in records if r["kind"] == "train"]
     eval_records = [r for r in records if r["kind"] == "aflw2000"]
     counts = _counts(train_records)
     stats = combine_stats([r["moments"] for r in train_records])
-    model = load_face_model(config.morphable_model)
     mirror_residual = mirror_map(model).residual if config.augment.geometric.flip_probability > 0 else None
     evaluation = None
     if aflw2000_root:

@@ -1,0 +1,56 @@
+"""Where a relative input path points, wherever a stage runs.
+
+A stage may run from any folder: ``ray submit`` runs a copy of the script from the head node's
+home folder, ``ray job submit --working-dir .`` from an uploaded copy of the checkout. One rule
+holds for every input a command line or a config file names (config files, search spaces,
+dataset and shard folders, morphable-model folders): an absolute path is used as it is; a
+relative one is looked up in the current folder and then in the project checkout (the folder
+that holds ``pipeline/``); an input found in neither is an error that names both paths tried.
+URIs (``s3://...``) are used as they are. Outputs are written relative to the current folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config import ConfigError
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+# For every stage's --help.
+RULE = (f"Relative input paths (config files, data folders, paths inside configs) are looked up in "
+        f"the current folder, then in the project checkout ({CHECKOUT}); outputs go to the current folder.")
+
+
+def input_path(path: str | Path, what: str) -> Path:
+    """The absolute path of an input named ``path`` (``what``: the flag or key, for the error)."""
+    given = Path(path).expanduser()
+    candidates = [given] if given.is_absolute() else [Path.cwd() / given, CHECKOUT / given]
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate.resolve()
+    tried = " or ".join(str(candidate) for candidate in dict.fromkeys(candidates))
+    raise ConfigError(f"{what} {path}: not found (tried {tried})")
+
+
+def input_location(location: str, what: str) -> str:
+    """``input_path`` for a folder that may also be given as a URI (kept as it is)."""
+    return location if "://" in location else str(input_path(location, what))
+
+
+MODEL_KINDS = ("bfm68:", "3ddfa:", "dense:")
+
+
+def model_source(source: str, what: str) -> str:
+    """A morphable-model source (:mod:`models.face_models`) with its paths made absolute."""
+    if source == "synthetic":
+        return source
+    for kind in MODEL_KINDS:
+        if source.startswith(kind):
+            rest = source[len(kind):]
+            if kind == "dense:":
+                dense, plus, keypoints = rest.partition("+")
+                if plus:
+                    return f"{kind}{input_path(dense, what)}+{model_source(keypoints, what)}"
+                return source  # malformed: load_face_model says how
+            return f"{kind}{input_path(rest, what)}"
+    return str(input_path(source, what))
