@@ -11,11 +11,28 @@ A bare path is read by its contents: a folder with ``u_base.txt`` is ``bfm68``, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from models.morphable import MorphableModel, MorphableModelError
 
 SYNTHETIC = "synthetic"
+KINDS = ("bfm68", "3ddfa", "dense")
+
+
+def map_paths(source: str, convert: Callable[[str], str]) -> str:
+    """``source`` with every file or folder path in it replaced by ``convert(path)``."""
+    if source == SYNTHETIC:
+        return source
+    kind, sep, rest = source.partition(":")
+    if not sep or kind not in KINDS:
+        return convert(source)
+    if kind != "dense":
+        return f"{kind}:{convert(rest)}"
+    dense_path, plus, keypoints = rest.partition("+")
+    if not plus:
+        return source  # malformed: load_face_model says how
+    return f"{kind}:{convert(dense_path)}+{map_paths(keypoints, convert)}"
 
 
 def load_face_model(source: str) -> MorphableModel:
@@ -25,7 +42,7 @@ def load_face_model(source: str) -> MorphableModel:
 
         return build_synthetic_head().model
     kind, sep, rest = source.partition(":")
-    if not sep or kind not in ("bfm68", "3ddfa", "dense"):
+    if not sep or kind not in KINDS:
         path = Path(source)
         if not path.exists():
             raise MorphableModelError(

@@ -125,6 +125,11 @@ def param_frame_to_crop(points: np.ndarray, size: int = CROP_SIZE) -> np.ndarray
     return out
 
 
+def param_frame_to_image(points: np.ndarray, box: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
+    """Points in the parameter's frame (3, K) of the crop ``box`` -> image coordinates."""
+    return crop_to_image(param_frame_to_crop(points, size), box, size)
+
+
 def param_frame_to_crop_torch(points: torch.Tensor, size: int = CROP_SIZE) -> torch.Tensor:
     """:func:`param_frame_to_crop` for a batch of torch points (B, 3, K)."""
     import torch

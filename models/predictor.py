@@ -18,11 +18,10 @@ from torch import nn
 
 from models.frame import (
     crop_image,
-    crop_to_image,
     crops_to_tensor,
     detector_crop_box,
     landmark_crop_box,
-    param_frame_to_crop,
+    param_frame_to_image,
 )
 from models.morphable import MorphableModel
 from models.params import ParamStats, pose_angles
@@ -82,7 +81,7 @@ class FacePredictor:
             box = detector_crop_box(np.asarray(detection, dtype=np.float64))
         box = np.asarray(box, dtype=np.float64)
         params = self.predict_params(crop_image(image, box)[None])[0]
-        vertices = crop_to_image(param_frame_to_crop(self.model.vertices(params)), box)
+        vertices = param_frame_to_image(self.model.vertices(params), box)
         return Prediction(
             params=params, box=box, landmarks=vertices[:, self.model.landmark_indices],
             vertices=vertices, pose=pose_angles(params),

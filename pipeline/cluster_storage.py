@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 import pyarrow.fs as pafs
 import ray
@@ -59,10 +59,18 @@ def _node_digests(probes: list[tuple[str, str]]) -> tuple[str, list[str | None]]
     return ray.get_runtime_context().get_node_id(), [_digest(location, name) for location, name in probes]
 
 
-def training_folders(storage: str, storage_setting: str, shards: str) -> list[SharedFolder]:
-    """What a training run's workers and Ray Data tasks touch: the checkpoint storage (written)
-    and the shards (read, probed by their manifest)."""
-    return [SharedFolder(storage_setting, storage), SharedFolder("data.shards", shards, MANIFEST_FILE)]
+def storage_location(configured: str, run_dir: Path) -> str:
+    """Where Ray keeps a run's or a sweep's checkpoints: the configured storage, else RUN_DIR/ray
+    (on the driver's node only)."""
+    return configured or str((Path(run_dir) / "ray").resolve())
+
+
+def training_folders(key: str, configured: str, run_dir: Path, shards: str) -> list[SharedFolder]:
+    """What a training run's workers and Ray Data tasks touch: the checkpoint storage set by
+    ``key`` (written) and the shards (read, probed by their manifest)."""
+    setting = key if configured else f"{key} (empty: RUN_DIR/ray)"
+    return [SharedFolder(setting, storage_location(configured, run_dir)),
+            SharedFolder("data.shards", shards, MANIFEST_FILE)]
 
 
 def preprocessing_folders(source: str, output: str, aflw2000: str | None) -> list[SharedFolder]:

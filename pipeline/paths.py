@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from models.face_models import map_paths
 from pipeline.config import ConfigError
 
 CHECKOUT = Path(__file__).resolve().parents[1]
@@ -37,20 +38,6 @@ def input_location(location: str, what: str) -> str:
     return location if "://" in location else str(input_path(location, what))
 
 
-MODEL_KINDS = ("bfm68:", "3ddfa:", "dense:")
-
-
 def model_source(source: str, what: str) -> str:
     """A morphable-model source (:mod:`models.face_models`) with its paths made absolute."""
-    if source == "synthetic":
-        return source
-    for kind in MODEL_KINDS:
-        if source.startswith(kind):
-            rest = source[len(kind):]
-            if kind == "dense:":
-                dense, plus, keypoints = rest.partition("+")
-                if plus:
-                    return f"{kind}{input_path(dense, what)}+{model_source(keypoints, what)}"
-                return source  # malformed: load_face_model says how
-            return f"{kind}{input_path(rest, what)}"
-    return str(input_path(source, what))
+    return map_paths(source, lambda path: str(input_path(path, what)))

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from models.evaluation import MISSING_POINT, aflw2000_report, nme_21, reconstruction_nme
-from models.frame import crop_to_image, nme, param_frame_to_crop
+from models.frame import nme, param_frame_to_image
 from models.predictor import FacePredictor
 from pipeline.shard_data import evaluation_batches, evaluation_count
 from preprocessing.benchmark_sets import (
@@ -64,12 +64,12 @@ class FacePredictions:
 
 def vertices_in_image(predictor: FacePredictor, params: np.ndarray, box: np.ndarray) -> np.ndarray:
     """Every model vertex (3, N) of a parameter (62,) of the crop ``box``, in image pixels."""
-    return crop_to_image(param_frame_to_crop(predictor.model.vertices(params)), box)
+    return param_frame_to_image(predictor.model.vertices(params), box)
 
 
 def landmarks_in_image(predictor: FacePredictor, params: np.ndarray, box: np.ndarray) -> np.ndarray:
     """The 68 landmarks (3, 68) of a parameter (62,) of the crop ``box``, in image pixels."""
-    return crop_to_image(param_frame_to_crop(predictor.model.landmarks(params)), box)
+    return param_frame_to_image(predictor.model.landmarks(params), box)
 
 
 def predict_faces(predictor: FacePredictor, batches: Iterable[FaceBatch], total: int,

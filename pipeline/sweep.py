@@ -24,7 +24,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from models.checkpoint import load_bundle
-from pipeline.cluster_storage import check_shared, training_folders
+from pipeline.cluster_storage import check_shared, storage_location, training_folders
 from pipeline.config import ConfigError, from_dict, to_plain, with_overrides
 from pipeline.paths import input_location
 from pipeline.registration import evaluate_and_register
@@ -274,9 +274,8 @@ def prepare(args: SweepRequest) -> tuple[SweepContext, SearchSpace, SweepConfig,
         raise ConfigError(f"{args.space}: scheduler.grace_period {space.scheduler.grace_period} exceeds "
                           f"the {sweep.epochs} epochs per trial")
     manifest = read_manifest(base.data.shards)
-    storage = sweep.storage_path or str(run_dir / "ray")
-    setting = "storage_path" if sweep.storage_path else "storage_path (empty: RUN_DIR/ray)"
-    check_shared(training_folders(storage, f"{args.config}: {setting}", base.data.shards))
+    setting = f"{args.config}: storage_path"
+    check_shared(training_folders(setting, sweep.storage_path, run_dir, base.data.shards))
     experiment_id = open_store(base.mlflow.tracking_uri, run_dir, base.mlflow.experiment)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     space_text = Path(args.space).read_text()
@@ -293,7 +292,7 @@ def prepare(args: SweepRequest) -> tuple[SweepContext, SearchSpace, SweepConfig,
         log_dict(manifest.to_dict(), "manifest.json")
     context = SweepContext(
         name=sweep.name, run_dir=str(run_dir),
-        storage=storage, base=to_plain(base), sweep=to_plain(sweep),
+        storage=storage_location(sweep.storage_path, run_dir), base=to_plain(base), sweep=to_plain(sweep),
         tracking_uri=parent.tracking_uri, experiment_id=experiment_id, parent_run_id=parent.run_id)
     state_path.write_text(json.dumps(asdict(context), indent=2) + "\n")
     return context, space, sweep, sweep_dir

@@ -16,6 +16,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from models.face_models import load_face_model
+from pipeline.cluster_storage import storage_location
 from pipeline.shard_data import shard_datasets
 from pipeline.tracking import TrackingTarget, log_epoch_metrics, tag_run
 from pipeline.train_config import TrainConfig
@@ -62,15 +63,10 @@ def worker_inputs(manifest: Manifest) -> WorkerInputs:
     return WorkerInputs(manifest.whitening, ray.put(model), labels.source, model.identity)
 
 
-def storage_location(config: TrainConfig, run_dir: Path) -> str:
-    """Where Ray Train keeps the run's checkpoints: ``run.storage_path``, else RUN_DIR/ray."""
-    return config.run.storage_path or str((run_dir / "ray").resolve())
-
-
 def make_trainer(config: TrainConfig, run_dir: Path, manifest: Manifest, tracking: TrackingTarget | None,
                  callbacks: list[ray.train.UserCallback] | None = None) -> TorchTrainer:
     """A TorchTrainer for ``config``; ``tracking`` names the MLflow run that gets the epochs."""
-    storage = storage_location(config, run_dir)
+    storage = storage_location(config.run.storage_path, run_dir)
     # The epoch reaches MLflow before any other callback sees it: Tune's, reporting to a
     # scheduler, may end the trial on it.
     callbacks = [*([EpochLogger(tracking)] if tracking is not None else []), *(callbacks or [])]

@@ -26,7 +26,7 @@ from pipeline.tracking import (
     open_store,
 )
 from pipeline.train_config import TrainConfig
-from pipeline.trainer import best_model_file, make_trainer, storage_location
+from pipeline.trainer import best_model_file, make_trainer
 from preprocessing.manifest import read_manifest
 
 
@@ -34,8 +34,7 @@ def train(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
     """Train, log to MLflow and write the best model file; returns the run's figures."""
     run_dir = run_dir.resolve()
     manifest = read_manifest(config.data.shards)
-    setting = "run.storage_path" if config.run.storage_path else "run.storage_path (empty: RUN_DIR/ray)"
-    check_shared(training_folders(storage_location(config, run_dir), setting, config.data.shards))
+    check_shared(training_folders("run.storage_path", config.run.storage_path, run_dir, config.data.shards))
     open_store(config.mlflow.tracking_uri, run_dir, config.mlflow.experiment)
     synthetic = manifest.morphable_model.synthetic
     tags = {"synthetic_data": str(synthetic), "morphable_model": manifest.morphable_model.identity}

@@ -83,6 +83,8 @@ class Worker:
     rank: int
     world_size: int
     node_id: str
+    label_mean: torch.Tensor  # (62,) float32 on the device: the whitening statistics
+    label_std: torch.Tensor
 
     @property
     def use_gpu(self) -> bool:
@@ -172,8 +174,10 @@ def start_worker(config: TrainConfig, inputs: WorkerInputs) -> Worker:
     loss_fn = FRNetLoss(config.loss.lambda1, config.loss.lambda2, inputs.whitening, face_model,
                         omega=config.loss.omega, epsilon=config.loss.epsilon,
                         num_resampled=config.loss.num_resampled)
+    mean, std = (torch.tensor(values, dtype=torch.float32, device=device)
+                 for values in (inputs.whitening.mean, inputs.whitening.std))
     return Worker(config, inputs, network, optimizer, scheduler, loss_fn, face_model, device, rank,
-                  context.get_world_size(), ray.get_runtime_context().get_node_id())
+                  context.get_world_size(), ray.get_runtime_context().get_node_id(), mean, std)
 
 
 def train_epoch(worker: Worker, epoch: int) -> EpochSums:
@@ -181,15 +185,13 @@ def train_epoch(worker: Worker, epoch: int) -> EpochSums:
     config, device = worker.config, worker.device
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
-    mean = torch.tensor(worker.inputs.whitening.mean, dtype=torch.float32, device=device)
-    std = torch.tensor(worker.inputs.whitening.std, dtype=torch.float32, device=device)
     worker.network.train()
     sums = np.zeros(4)  # loss, wpdc, wing, samples
     for batch in ray.train.get_dataset_shard("train").iter_torch_batches(
         batch_size=config.data.batch_size, local_shuffle_buffer_size=config.data.shuffle_buffer,
         local_shuffle_seed=config.seed * 1000 + epoch + worker.rank, device=device,
     ):
-        target = (batch["label"] - mean) / std
+        target = (batch["label"] - worker.label_mean) / worker.label_std
         with worker.autocast():
             prediction = worker.network(worker.network_input(batch["image"]))
         parts = worker.loss_fn(prediction.float(), target, generator)

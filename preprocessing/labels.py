@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from models.frame import CROP_SIZE, box_scales, crop_to_image, param_frame_to_crop, reflect
+from models.frame import CROP_SIZE, box_scales, param_frame_to_crop, param_frame_to_image, reflect
 from models.morphable import MorphableModel
 from models.params import (
     EXPRESSION_SLICE,
@@ -147,7 +147,7 @@ def landmarks_in_image(
     model: MorphableModel, label: np.ndarray, box: np.ndarray, size: int = CROP_SIZE
 ) -> np.ndarray:
     """The label's 68 landmarks mapped back to image coordinates (3, 68)."""
-    return crop_to_image(crop_landmarks(model, label, size), box, size)
+    return param_frame_to_image(model.landmarks(np.asarray(label, dtype=np.float64)), box, size)
 
 
 def transform_label(label: np.ndarray, transform: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:

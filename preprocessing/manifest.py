@@ -15,6 +15,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from models.face_models import SYNTHETIC
 from models.params import ParamStats
 from preprocessing.datasets import resolve
 from preprocessing.shards import write_bytes_atomic
@@ -22,7 +23,6 @@ from preprocessing.shards import write_bytes_atomic
 MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 1
 SPLITS = ("train", "val")
-SYNTHETIC_SOURCE = "synthetic"
 
 
 class ManifestError(ValueError):
@@ -39,7 +39,7 @@ class LabelModel:
 
     @property
     def synthetic(self) -> bool:
-        return self.source == SYNTHETIC_SOURCE
+        return self.source == SYNTHETIC
 
 
 @dataclass(frozen=True)
