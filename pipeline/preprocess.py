@@ -2,7 +2,8 @@
 
     frnet preprocess --input data/300W_LP --output data/shards --aflw2000 data/AFLW2000
     python pipeline/preprocess.py --input s3://bucket/300W_LP --output s3://bucket/shards
-    ray submit cluster.yaml pipeline/preprocess.py -- --input s3://... --output s3://...
+    ray submit cluster.yaml pipeline/preprocess.py -- --config configs/cluster/preprocess.yaml \\
+        --input s3://... --output s3://...
 
 Runs on the Ray cluster it finds (RAY_ADDRESS, or a running local one), else starts a local one.
 Bad files go to a quarantine table; ``--strict`` stops at the first instead. A killed run,

@@ -104,7 +104,8 @@ def trial_config(context: SweepContext, searched: dict[str, Any], trial_id: str)
     fixed = {"epochs": sweep.epochs, "run.name": f"{context.name}-{trial_id}",
              "run.storage_path": context.storage, "scaling.num_workers": sweep.trial.num_workers,
              "scaling.cpus_per_worker": sweep.trial.cpus_per_worker, "scaling.use_gpu": gpus > 0,
-             "scaling.gpus_per_worker": gpus if gpus > 0 else 1.0}
+             "scaling.gpus_per_worker": gpus if gpus > 0 else 1.0,
+             "scaling.resources_per_worker": dict(sweep.trial.resources_per_worker)}
     base = from_dict(TrainConfig, context.base, source="base config")
     return with_overrides(base, {**searched, **fixed}, source=f"trial {trial_id}")
 

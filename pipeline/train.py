@@ -2,7 +2,7 @@
 
     frnet train --config configs/train.yaml [--shards DIR] [--epochs N] [--run-dir DIR]
     python pipeline/train.py --config configs/train.yaml
-    ray submit cluster.yaml pipeline/train.py -- --config configs/train.yaml
+    ray submit cluster.yaml pipeline/train.py -- --config configs/cluster/train.yaml
 
 Runs on the Ray cluster it finds (RAY_ADDRESS, or a running local one), else starts a local one.
 What a run does: :mod:`pipeline.training`.

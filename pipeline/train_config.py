@@ -78,6 +78,15 @@ class DataConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
+def check_extra_resources(resources: dict[str, float]) -> None:
+    """Extra resources per worker: not CPU or GPU (their own keys set those), none negative."""
+    for name, amount in resources.items():
+        if name in ("CPU", "GPU"):
+            raise ValueError(f"resources_per_worker: set {name} with {name.lower()}s_per_worker")
+        if amount < 0:
+            raise ValueError(f"resources_per_worker.{name} must be >= 0, got {amount}")
+
+
 @dataclass(frozen=True)
 class ScalingConfig:
     num_workers: int = 2
@@ -86,6 +95,12 @@ class ScalingConfig:
     gpus_per_worker: float = 1.0  # with use_gpu; a fraction lets small trials share a GPU
     # Ray placement of the workers: PACK fills one node first; SPREAD puts them on different nodes.
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # More Ray resources per worker, beyond CPU and GPU: custom resources nodes declare with
+    # `ray start --resources`, to choose the nodes a run may use.
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_extra_resources(self.resources_per_worker)
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ def make_trainer(config: TrainConfig, run_dir: Path, manifest: Manifest, trackin
     # The epoch reaches MLflow before any other callback sees it: Tune's, reporting to a
     # scheduler, may end the trial on it.
     callbacks = [*([EpochLogger(tracking)] if tracking is not None else []), *(callbacks or [])]
-    resources = {"CPU": config.scaling.cpus_per_worker}
+    resources = {**config.scaling.resources_per_worker, "CPU": config.scaling.cpus_per_worker}
     if config.scaling.use_gpu:
         resources["GPU"] = config.scaling.gpus_per_worker
     return TorchTrainer(

@@ -2,7 +2,8 @@
 
     frnet tune --config configs/tune.yaml --space tune_spaces/default.yaml [--shards DIR] [--run-dir DIR]
     python pipeline/tune.py --config configs/tune.yaml --space tune_spaces/small.yaml
-    ray submit cluster.yaml pipeline/tune.py -- --config configs/tune.yaml --space tune_spaces/default.yaml
+    ray submit cluster.yaml pipeline/tune.py -- --config configs/cluster/tune.yaml \\
+        --space tune_spaces/default.yaml
     frnet tune ... --resume      # continue the interrupted sweep of the same name
 
 What a sweep does: :mod:`pipeline.sweep`.

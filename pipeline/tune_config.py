@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.config import ConfigError, from_dict, load_config, read_yaml_mapping, with_overrides
-from pipeline.train_config import TrainConfig
+from pipeline.train_config import TrainConfig, check_extra_resources
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
 # Keys a sweep sets itself (trial names, resources, the store) or that would change the data.
@@ -30,8 +30,12 @@ class TrialResources:
     num_workers: int = 2
     cpus_per_worker: float = 0.4  # leave CPUs to Ray Data (see configs/train.yaml)
     gpus_per_worker: float = 0.0  # > 0 trains on GPU; a fraction lets trials share one GPU
+    # Custom node resources per worker (scaling.resources_per_worker): with one unit per node and
+    # one worker per trial, one trial per node.
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_extra_resources(self.resources_per_worker)
         if self.num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
         if self.cpus_per_worker < 0 or self.gpus_per_worker < 0:

@@ -220,6 +220,7 @@ class Cluster:
     dashboard_url: str
     env: dict[str, str]  # for every process of and client to this cluster (its token)
     node_ids: frozenset[str]
+    second_node: int  # the session of the second node's `ray start`: its raylet and workers
 
 
 def ray_cli(processes: Processes, cluster_env: dict[str, str], name: str, args: list[str],
@@ -251,10 +252,10 @@ def hidden(folders: list[Path], command: list[str]) -> list[str]:
 
 
 def start_node(processes: Processes, name: str, args: list[str], env: dict[str, str],
-               up_by: Deadline, hide: list[Path] | None = None) -> bool:
+               up_by: Deadline, hide: list[Path] | None = None) -> int | None:
     """`ray start ARGS` (in a namespace hiding ``hide``); on failure its processes are stopped
-    again. On a loaded machine a node can miss Ray's fixed 30 s wait for its raylet to register,
-    so callers try again."""
+    again. Returns the session its daemons stay in, or None where it failed: on a loaded machine
+    a node can miss Ray's fixed 30 s wait for its raylet to register, so callers try again."""
     command = [str(VENV_BIN / "ray"), "start", *args]
     popen, log_path = processes.start(name, hidden(hide, command) if hide else command, env)
     try:
@@ -265,22 +266,25 @@ def start_node(processes: Processes, name: str, args: list[str], env: dict[str, 
     if popen.returncode != 0:
         processes.stop({popen.pid})
         processes.forget_if_empty(popen.pid)
-    return popen.returncode == 0
+        return None
+    return popen.pid
 
 
 def start_cluster(processes: Processes, temp_dir: Path, env: dict[str, str],
-                  deadline: Deadline, hide: list[Path] | None = None) -> Cluster:
+                  deadline: Deadline, hide: list[Path] | None = None,
+                  resources: dict[str, float] | None = None) -> Cluster:
     """A head and a second node on this machine, each with its own temp dir under ``temp_dir``:
     a node's temp dir is node-local state (its runtime environments, sockets and logs), and two
     nodes sharing one delete each other's copy of a job's working directory. With ``hide``, the
-    second node does not see those folders, nor the head's temp dir (as a machine of its own)."""
+    second node does not see those folders, nor the head's temp dir (as a machine of its own).
+    ``resources``: custom resources each node declares (`ray start --resources`)."""
     up_by = deadline.within(CLUSTER_UP_S, "starting the two-node cluster")
     # A job's entrypoint `python` is looked up on the node's PATH (Ray does not put its own
     # interpreter there): the venv's bin first, as if `ray start` ran in the activated venv.
     env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "PATH": os.pathsep.join([str(VENV_BIN), env.get("PATH", "")])}
     common = ["--node-ip-address", "127.0.0.1", "--object-store-memory", str(200 * 2**20),
-              "--disable-usage-stats"]
+              "--disable-usage-stats", *(["--resources", json.dumps(resources)] if resources else [])]
     for attempt in itertools.count():
         ports = iter(free_ports(9))
         gcs_port, dashboard_port, client_port = next(ports), next(ports), next(ports)
@@ -293,20 +297,35 @@ def start_cluster(processes: Processes, temp_dir: Path, env: dict[str, str],
             "--head", "--port", str(gcs_port), "--dashboard-host", "127.0.0.1",
             "--dashboard-port", str(dashboard_port), "--ray-client-server-port", str(client_port),
             "--num-cpus", str(HEAD_CPUS), "--temp-dir", str(temp_dir / "head"), *node_ports(ports), *common,
-        ], node_env, up_by):
+        ], node_env, up_by) is not None:
             break
     gcs_address = node_env["RAY_ADDRESS"]
     for attempt in itertools.count():
-        if start_node(processes, f"ray-start-node-{attempt}", [
+        second_node = start_node(processes, f"ray-start-node-{attempt}", [
             "--address", gcs_address, "--num-cpus", str(NODE_CPUS), "--temp-dir", str(temp_dir / "node"),
             *node_ports(iter(free_ports(6))), *common,
-        ], node_env, up_by, hide=None if hide is None else [*hide, temp_dir / "head"]):
+        ], node_env, up_by, hide=None if hide is None else [*hide, temp_dir / "head"])
+        if second_node is not None:
             break
     dashboard_url = f"http://127.0.0.1:{dashboard_port}"
     # Exactly two: a node of a failed attempt stays ALIVE until the GCS misses its heartbeats.
     while len(nodes := alive_nodes(processes, node_env, dashboard_url, up_by.left())) != 2:
         time.sleep(1)
-    return Cluster(gcs_address, dashboard_url, node_env, frozenset(node["node_id"] for node in nodes))
+    return Cluster(gcs_address, dashboard_url, node_env, frozenset(node["node_id"] for node in nodes),
+                   second_node)
+
+
+def kill_raylet(cluster: Cluster) -> int:
+    """SIGKILL the second node's raylet, as when its machine is lost; returns its pid. Its
+    workers notice and exit; the GCS marks the node dead once its health checks fail."""
+    members, table = session_members({cluster.second_node}), process_table()
+    named = {pid for pid in members
+             if Path(describe(pid).split(": ", 1)[1].split(" ", 1)[0]).name == "raylet"}
+    # A raylet's short-lived forks (on the way to starting a worker) carry its name too.
+    raylets = [pid for pid in named if table.get(pid, (0,))[0] not in named]
+    assert len(raylets) == 1, [describe(pid) for pid in members]
+    os.kill(raylets[0], signal.SIGKILL)
+    return raylets[0]
 
 
 def wait_for_mlflow(server: subprocess.Popen, log_path: Path, uri: str, deadline: Deadline) -> None:

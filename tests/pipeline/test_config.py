@@ -1,8 +1,9 @@
 from dataclasses import dataclass, field
 
 import pytest
+import yaml
 
-from pipeline.config import ConfigError, from_dict, load_config
+from pipeline.config import ConfigError, from_dict, load_config, to_plain
 from preprocessing.synth import SynthConfig
 from tests.conftest import REPO_ROOT
 
@@ -58,3 +59,24 @@ def test_yaml_file_with_overrides_and_validation(tmp_path):
 def test_shipped_synth_config_loads():
     config = load_config(REPO_ROOT / "configs" / "synth.yaml", SynthConfig)
     assert config.layout == "300w-lp" and config.flip
+
+
+def test_resources_per_worker_reach_the_trial(tmp_path):
+    """Custom node resources per worker: checked where they are set, carried into each trial."""
+    from pipeline.sweep import SweepContext, trial_config
+    from pipeline.train_config import TrainConfig
+    from pipeline.tune_config import SweepConfig
+
+    path = tmp_path / "train.yaml"
+    for value, message in (({"GPU": 1}, "resources_per_worker: set GPU with gpus_per_worker"),
+                           ({"trial_slot": -1}, r"resources_per_worker.trial_slot must be >= 0, got -1")):
+        path.write_text(yaml.safe_dump({"scaling": {"resources_per_worker": value}}))
+        with pytest.raises(ConfigError, match=f"train.yaml: scaling: {message}"):
+            load_config(path, TrainConfig)
+    sweep = from_dict(SweepConfig, {"trial": {"num_workers": 1, "resources_per_worker": {"trial_slot": 1}}})
+    context = SweepContext(name="s", run_dir=str(tmp_path), storage=str(tmp_path / "ray"),
+                           base=to_plain(TrainConfig()), sweep=to_plain(sweep), tracking_uri="",
+                           experiment_id="0", parent_run_id="")
+    config = trial_config(context, {"loss.lambda2": 0.1}, "t1")
+    assert config.scaling.resources_per_worker == {"trial_slot": 1.0}
+    assert config.scaling.num_workers == 1 and config.loss.lambda2 == 0.1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -17,7 +18,15 @@ import pytest
 import yaml
 
 from preprocessing.synth import SynthConfig, generate
-from tests.pipeline.cluster_harness import FOREIGN_ENV, Cluster, Deadline, Processes, start_cluster
+from tests.pipeline.cluster_harness import (
+    FOREIGN_ENV,
+    Cluster,
+    Deadline,
+    Processes,
+    kill_raylet,
+    start_cluster,
+    tail,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -28,6 +37,8 @@ pytestmark = [
 TEST_BOUND_S = 900
 MODEL_NAME = "frnet-no-shared-disk"
 REFUSAL = "use a folder every node mounts (NFS) or an s3:// URI"
+TRIAL_SLOT = "trial_slot"  # a custom resource: one unit on each node
+NODE_LOSS_EPOCHS = 4
 
 
 def stage(processes: Processes, cluster: Cluster, name: str, arguments: list[str],
@@ -62,7 +73,7 @@ def test_two_nodes_without_a_shared_disk(processes, tmp_path):
     generate(SynthConfig("300w-lp", n=8, seed=41, views_per_face=4), nfs / "300W_LP")
     generate(SynthConfig("aflw2000-3d", n=4, seed=42), nfs / "AFLW2000")
     (nfs / "preprocess.yaml").write_text(yaml.safe_dump({"val_fraction": 0.3, "augment": {"copies": 2}}))
-    cluster = start_cluster(keeper, temp_dir, env, deadline, hide=[head_only])
+    cluster = start_cluster(keeper, temp_dir, env, deadline, hide=[head_only], resources={TRIAL_SLOT: 1})
     assert len(cluster.node_ids) == 2
 
     # Preprocessing: shards on the head's disk alone are refused before any shard is written.
@@ -102,11 +113,12 @@ def test_two_nodes_without_a_shared_disk(processes, tmp_path):
     assert [m.step for m in client.get_metric_history(figures["run_id"], "val_nme")] == [1, 2]
     assert str(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == figures["model_version"]
 
-    # A sweep of two trials, each training on both nodes, logged to the same store on the head.
+    # A sweep of two trials at once, one on each node (each node has one TRIAL_SLOT), both logged
+    # to the same store on the head.
     (nfs / "tune.yaml").write_text(yaml.safe_dump({
         "name": "no-shared-disk-sweep", "train_config": "train.yaml", "epochs": 1,
-        "trial": {"num_workers": 2, "cpus_per_worker": 0.4}, "storage_path": str(nfs / "tune-storage"),
-        "register": False}))
+        "trial": {"num_workers": 1, "cpus_per_worker": 0.4, "resources_per_worker": {TRIAL_SLOT: 1}},
+        "max_concurrent_trials": 2, "storage_path": str(nfs / "tune-storage"), "register": False}))
     (nfs / "space.yaml").write_text(yaml.safe_dump({
         "num_samples": 2, "searcher": {"name": "random", "seed": 0}, "scheduler": {"name": "fifo"},
         "space": {"loss.lambda2": {"distribution": "choice", "values": [0.05, 0.1]}}}))
@@ -116,7 +128,56 @@ def test_two_nodes_without_a_shared_disk(processes, tmp_path):
     assert status == 0, output[-3000:]
     sweep = json.loads((head_only / "tune.json").read_text())
     assert [trial["state"] for trial in sweep["trials"]] == ["completed", "completed"], sweep["trials"]
+    trial_nodes = [client.get_run(trial["mlflow_run_id"]).data.tags["train.node_ids"]
+                   for trial in sweep["trials"]]
+    assert set(trial_nodes) == cluster.node_ids, trial_nodes
     for trial in sweep["trials"]:
-        run = client.get_run(trial["mlflow_run_id"])
-        assert set(run.data.tags["train.node_ids"].split(",")) == cluster.node_ids
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_nme")] == [1]
+        assert [m.step for m in client.get_metric_history(trial["mlflow_run_id"], "val_nme")] == [1]
+
+    lose_a_node(keeper, cluster, nfs, run_dir, head_only, client, deadline)
+
+
+def lose_a_node(processes: Processes, cluster: Cluster, nfs: Path, run_dir: Path, head_only: Path,
+                client: mlflow.MlflowClient, deadline: Deadline) -> None:
+    """A 4-epoch run on both nodes whose second node's raylet is killed in epoch 2: with
+    run.max_failures 1, Ray Train restarts the workers from the epoch-1 checkpoint (SPREAD lets
+    both land on the head) and the run finishes every epoch once, in one MLflow curve."""
+    config = training_config(nfs / "shards", str(nfs / "ray-storage"))
+    config.update(epochs=NODE_LOSS_EPOCHS)
+    config["run"].update(name="node-loss", max_failures=1)
+    config["scaling"].update(placement_strategy="SPREAD")
+    config["data"].update(batch_size=2)  # more steps: an epoch of a few seconds
+    (nfs / "node-loss.yaml").write_text(yaml.safe_dump(config))
+    figures_path = head_only / "node-loss.json"
+    popen, log_path = processes.start("train-node-loss", [
+        sys.executable, "-m", "pipeline.cli", "train", "--config", str(nfs / "node-loss.yaml"),
+        "--run-dir", str(run_dir), "--json", str(figures_path)], cluster.env)
+    # Epoch 2 has begun once epoch 1 is in the MLflow run (its report, checkpoint included, has
+    # been handled by then).
+    while not epoch_logged(client, "node-loss", 1):
+        assert popen.poll() is None, f"the run ended before its first epoch was logged:\n{tail(log_path)}"
+        deadline.left()
+        time.sleep(0.2)
+    kill_raylet(cluster)
+    killed_at = time.time()
+    popen.wait(timeout=deadline.left(400))
+    output = log_path.read_text(errors="replace")
+    assert popen.returncode == 0, output[-4000:]
+    figures = json.loads(figures_path.read_text())
+    curve = client.get_metric_history(figures["run_id"], "val_nme")
+    assert sorted(m.step for m in curve) == list(range(1, NODE_LOSS_EPOCHS + 1)), curve
+    logged = {m.step: m.timestamp / 1000 for m in curve}
+    assert logged[1] < killed_at < logged[2], (killed_at, logged)
+    assert "resumed from the checkpoint of epoch 1" in output, output[-4000:]
+    # The epochs after the restart ran on the surviving node alone.
+    head = client.get_run(figures["run_id"]).data.tags["train.node_ids"].split(",")
+    assert len(set(head)) == 1 and set(head) < cluster.node_ids, head
+    print(f"node lost {logged[2] - killed_at:.1f} s before epoch 2's report "
+          f"(epoch 3 took {logged[3] - logged[2]:.1f} s, epoch 4 {logged[4] - logged[3]:.1f} s)")
+
+
+def epoch_logged(client: mlflow.MlflowClient, run_name: str, epoch: int) -> bool:
+    experiment = client.get_experiment_by_name("no-shared-disk")
+    runs = [] if experiment is None else client.search_runs(
+        [experiment.experiment_id], filter_string=f"attributes.run_name = '{run_name}'")
+    return any(m.step == epoch for run in runs for m in client.get_metric_history(run.info.run_id, "val_nme"))

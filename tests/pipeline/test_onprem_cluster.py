@@ -44,7 +44,7 @@ def test_cluster_file():
     assert cluster["provider"]["type"] == "local"
     assert {"head_ip", "worker_ips"} <= set(cluster["provider"])
     assert {"ssh_user", "ssh_private_key"} <= set(cluster["auth"])
-    assert {".venv", ".git", "runs", "data"} <= set(cluster["rsync_exclude"])
+    assert {".venv", ".git", "/runs/", "/data/"} <= set(cluster["rsync_exclude"])
     assert "available_node_types" not in cluster  # the local provider makes its own
 
 
