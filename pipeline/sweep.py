@@ -75,6 +75,7 @@ class SweepRequest:
     space: Path | None  # the search space; None with resume (the sweep's own copy is read)
     run_dir: Path
     shards: str | None = None
+    storage: str | None = None
     name: str | None = None
     epochs: int | None = None
     num_samples: int | None = None
@@ -249,7 +250,8 @@ def register_best(best: TrialRow, context: SweepContext, base: TrainConfig) -> d
 def prepare(args: SweepRequest) -> tuple[SweepContext, SearchSpace, SweepConfig, Path]:
     """A new sweep (parent MLflow run, its folder) or, with --resume, the stored one."""
     run_dir = args.run_dir.resolve()
-    overrides = {k: v for k, v in (("name", args.name), ("epochs", args.epochs)) if v is not None}
+    flags = (("name", args.name), ("epochs", args.epochs), ("storage_path", args.storage))
+    overrides = {k: v for k, v in flags if v is not None}
     sweep = load_sweep_config(args.config, overrides)
     sweep_dir = run_dir / "tune" / sweep.name
     state_path = sweep_dir / "sweep.json"

@@ -1,6 +1,6 @@
 """Train Mobile-FRNet with Ray Train (DDP) on the Parquet shards, tracked in MLflow.
 
-    frnet train --config configs/train.yaml [--shards DIR] [--epochs N] [--run-dir DIR]
+    frnet train --config configs/train.yaml [--shards DIR] [--storage DIR] [--epochs N] [--run-dir DIR]
     python pipeline/train.py --config configs/train.yaml
     ray submit cluster.yaml pipeline/train.py -- --config configs/cluster/train.yaml
 
@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="frnet train", description=__doc__.split("\n\n")[0], epilog=RULE)
     parser.add_argument("--config", type=Path, help="YAML with TrainConfig's keys (configs/train.yaml)")
     parser.add_argument("--shards", help="override data.shards: a `frnet preprocess` output")
+    parser.add_argument("--storage", help="override run.storage_path: checkpoints (on a cluster of "
+                        "several nodes, a folder every node mounts or s3://)")
     parser.add_argument("--epochs", type=int, help="override epochs")
     parser.add_argument("--name", help="override run.name (the same name resumes)")
     parser.add_argument("--run-dir", type=Path, default=Path("runs/default"),
@@ -42,8 +44,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def load_train_config(args: argparse.Namespace) -> TrainConfig:
     """The config file with the flags over it; its shard folder found by the input-path rule."""
-    overrides = {key: value for key, value in (("data.shards", args.shards), ("epochs", args.epochs),
-                                                ("run.name", args.name)) if value is not None}
+    flags = (("data.shards", args.shards), ("run.storage_path", args.storage), ("epochs", args.epochs),
+             ("run.name", args.name))
+    overrides = {key: value for key, value in flags if value is not None}
     if args.config:
         config = load_config(input_path(args.config, "--config"), TrainConfig, overrides)
     else:

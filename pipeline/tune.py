@@ -34,6 +34,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--space", type=Path, help="the search space (tune_spaces/NAME.yaml); "
                         "with --resume, the sweep's own copy is used")
     parser.add_argument("--shards", help="override the base config's data.shards")
+    parser.add_argument("--storage", help="override the sweep's storage_path: trial checkpoints (on a "
+                        "cluster of several nodes, a folder every node mounts or s3://)")
     parser.add_argument("--name", help="override the sweep's name")
     parser.add_argument("--epochs", type=int, help="override the epochs per trial (ASHA's max_t)")
     parser.add_argument("--num-samples", type=int, help="override the space's num_samples")
@@ -81,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         request = SweepRequest(config=input_path(args.config, "--config"),
                                space=None if args.space is None else input_path(args.space, "--space"),
-                               run_dir=args.run_dir, shards=args.shards, name=args.name, epochs=args.epochs,
-                               num_samples=args.num_samples, resume=args.resume)
+                               run_dir=args.run_dir, shards=args.shards, storage=args.storage, name=args.name,
+                               epochs=args.epochs, num_samples=args.num_samples, resume=args.resume)
     except ConfigError as err:
         LOG.error("%s", err)
         return 2

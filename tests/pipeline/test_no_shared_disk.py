@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -76,34 +77,38 @@ def test_two_nodes_without_a_shared_disk(processes, tmp_path):
     cluster = start_cluster(keeper, temp_dir, env, deadline, hide=[head_only], resources={TRIAL_SLOT: 1})
     assert len(cluster.node_ids) == 2
 
+    def refused(name: str, arguments: list[str], setting: str) -> None:
+        """The stage stops before any work with one line naming ``setting`` (and no traceback)."""
+        status, output = stage(keeper, cluster, name, arguments, deadline)
+        lines = refusal_lines(output)
+        assert status == 1 and len(lines) == 1 and f"{setting} " in lines[0], output[-3000:]
+        assert "Traceback" not in output
+        print(lines[0])
+
     # Preprocessing: shards on the head's disk alone are refused before any shard is written.
     preprocess = ["preprocess", "--input", str(nfs / "300W_LP"), "--aflw2000", str(nfs / "AFLW2000"),
                   "--config", str(nfs / "preprocess.yaml")]
-    status, output = stage(keeper, cluster, "preprocess-head-only",
-                           [*preprocess, "--output", str(head_only / "shards")], deadline)
-    lines = refusal_lines(output)
-    assert status == 1 and len(lines) == 1 and "--output" in lines[0], output[-3000:]
-    assert "Traceback" not in output
+    refused("preprocess-head-only", [*preprocess, "--output", str(head_only / "shards")], "--output")
     assert not (head_only / "shards" / "manifest.json").exists()
     status, output = stage(keeper, cluster, "preprocess", [*preprocess, "--output", str(nfs / "shards")],
                            deadline)
     assert status == 0, output[-3000:]
 
-    # Training: checkpoints on the head's disk (the empty storage_path's default) are refused.
+    # Training: checkpoints on the head's disk (the empty storage_path's default) are refused, and
+    # so are shards there.
     head_config = head_only / "train-head-storage.yaml"
     head_config.write_text(yaml.safe_dump(training_config(nfs / "shards", "")))
-    status, output = stage(keeper, cluster, "train-head-storage",
-                           ["train", "--config", str(head_config), "--run-dir", str(run_dir)], deadline)
-    lines = refusal_lines(output)
-    assert status == 1 and len(lines) == 1 and "run.storage_path (empty: RUN_DIR/ray)" in lines[0], \
-        output[-3000:]
-    assert "Traceback" not in output
+    train = ["train", "--config", str(head_config), "--run-dir", str(run_dir)]
+    refused("train-head-storage", train, "run.storage_path (empty: RUN_DIR/ray)")
+    shutil.copytree(nfs / "shards", head_only / "shards-copy")
+    refused("train-head-shards", [*train, "--shards", str(head_only / "shards-copy"), "--storage",
+                                  str(nfs / "ray-storage")], "data.shards")
 
-    config = nfs / "train.yaml"
-    config.write_text(yaml.safe_dump(training_config(nfs / "shards", str(nfs / "ray-storage"))))
-    status, output = stage(keeper, cluster, "train", ["train", "--config", str(config), "--run-dir",
-                                                      str(run_dir), "--json", str(head_only / "train.json")],
-                           deadline)
+    # The same config with shared checkpoints (the flag over the config's empty storage_path).
+    (nfs / "train.yaml").write_text(yaml.safe_dump(training_config(nfs / "shards", "")))
+    status, output = stage(keeper, cluster, "train", [
+        "train", "--config", str(nfs / "train.yaml"), "--storage", str(nfs / "ray-storage"),
+        "--run-dir", str(run_dir), "--json", str(head_only / "train.json")], deadline)
     assert status == 0, output[-3000:]
     figures = json.loads((head_only / "train.json").read_text())
     store = f"sqlite:///{run_dir / 'mlflow.db'}"
@@ -118,12 +123,14 @@ def test_two_nodes_without_a_shared_disk(processes, tmp_path):
     (nfs / "tune.yaml").write_text(yaml.safe_dump({
         "name": "no-shared-disk-sweep", "train_config": "train.yaml", "epochs": 1,
         "trial": {"num_workers": 1, "cpus_per_worker": 0.4, "resources_per_worker": {TRIAL_SLOT: 1}},
-        "max_concurrent_trials": 2, "storage_path": str(nfs / "tune-storage"), "register": False}))
+        "max_concurrent_trials": 2, "register": False}))
     (nfs / "space.yaml").write_text(yaml.safe_dump({
         "num_samples": 2, "searcher": {"name": "random", "seed": 0}, "scheduler": {"name": "fifo"},
         "space": {"loss.lambda2": {"distribution": "choice", "values": [0.05, 0.1]}}}))
-    status, output = stage(keeper, cluster, "tune", ["tune", "--config", str(nfs / "tune.yaml"), "--space",
-                                                     str(nfs / "space.yaml"), "--run-dir", str(run_dir),
+    tune = ["tune", "--config", str(nfs / "tune.yaml"), "--space", str(nfs / "space.yaml"),
+            "--run-dir", str(run_dir)]
+    refused("tune-head-storage", tune, f"{nfs / 'tune.yaml'}: storage_path")
+    status, output = stage(keeper, cluster, "tune", [*tune, "--storage", str(nfs / "tune-storage"),
                                                      "--json", str(head_only / "tune.json")], deadline)
     assert status == 0, output[-3000:]
     sweep = json.loads((head_only / "tune.json").read_text())
