@@ -17,6 +17,7 @@ STAGES = {
     "info": "parameter and operation counts of a registered network",
     "export": "export a network (and its checkpoint) to ONNX",
     "evaluate": "NME on AFLW2000-3D / AFLW by yaw bin, 3D reconstruction NME, pictures",
+    "register": "register a model file or a released checkpoint in MLflow, through the evaluation gate",
     "demo": "the whole pipeline on the embedded default (synthetic data, local Ray and MLflow)",
 }
 

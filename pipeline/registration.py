@@ -17,16 +17,25 @@ LOG = logging.getLogger("frnet.registration")
 
 def evaluate_and_register(bundle: ModelBundle, shards: str, manifest: Manifest, registered_model: str,
                           model_uri: str, run_id: str) -> dict[str, Any]:
-    """Score ``bundle`` on the evaluation shards of ``shards``, log the report to the active run,
-    and register ``model_uri`` as a version of ``registered_model`` with the figures as tags."""
+    """Score ``bundle`` on the evaluation shards of ``shards``, then :func:`register_scored`."""
     report = score_shards(bundle.predictor(), shards, manifest)
-    log_dict(report, "evaluation/aflw2000.json")
-    summary = {RANKING_TAG: report["nme_mean_of_bins"],
-               "aflw2000.nme_std_of_bins": report["nme_std_of_bins"],
-               "aflw2000.nme_per_sample_mean": report["nme_per_sample_mean"]}
-    log_metrics(summary)
     LOG.info("AFLW2000-3D NME %.3f%% (mean of yaw bins; %s)", 100 * report["nme_mean_of_bins"],
              "synthetic faces" if manifest.morphable_model.synthetic else "real")
+    return register_scored(report, registered_model, model_uri, run_id)
+
+
+def register_scored(report: dict[str, Any] | None, registered_model: str, model_uri: str,
+                    run_id: str) -> dict[str, Any]:
+    """Log an AFLW2000-3D ``report`` to the active run and register ``model_uri`` as a version of
+    ``registered_model`` with its figures as tags (``champion`` if it beats the current one);
+    without a report the version is registered unscored and never made champion."""
+    summary: dict[str, float] = {}
+    if report is not None:
+        log_dict(report, "evaluation/aflw2000.json")
+        summary = {RANKING_TAG: report["nme_mean_of_bins"],
+                   "aflw2000.nme_std_of_bins": report["nme_std_of_bins"],
+                   "aflw2000.nme_per_sample_mean": report["nme_per_sample_mean"]}
+        log_metrics(summary)
     version, promoted = register(registered_model, model_uri, run_id, summary)
-    return {"aflw2000": report, "registered_model": registered_model, "model_version": version,
-            "champion": promoted}
+    figures = {"registered_model": registered_model, "model_version": version, "champion": promoted}
+    return figures if report is None else {"aflw2000": report, **figures}

@@ -40,8 +40,8 @@ from pipeline.tracking import (
     log_artifact,
     log_dict,
     log_metrics,
-    log_network,
     log_params,
+    log_served_model,
     nested_run,
     open_store,
     set_tags,
@@ -232,7 +232,7 @@ def register_best(best: TrialRow, context: SweepContext, base: TrainConfig) -> d
     checkpoint = ray.train.Checkpoint(best.checkpoint_path, filesystem=filesystem)
     model_path = copy_model_file(checkpoint, Path(context.run_dir) / "models" / f"{context.name}-best.pt")
     bundle, _ = load_bundle(model_path)
-    model_uri = log_network(bundle.build_network(), model_path)
+    model_uri = log_served_model(bundle)
     figures: dict[str, Any] = {"model_file": str(model_path), "model_uri": model_uri}
     manifest = read_manifest(base.data.shards)
     sweep = from_dict(SweepConfig, context.sweep, source="sweep")

@@ -9,22 +9,29 @@ Runs are addressed two ways: the driver's active run (``mlflow.start_run``), and
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
-import torch
 from mlflow.entities import Metric, Param
-from mlflow.models import infer_signature
+from mlflow.models import ModelSignature
+from mlflow.types import Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from models.frame import CROP_SIZE
+from models import served
+from models.checkpoint import ModelBundle, bundle_to_dict, load_bundle
+from models.face_models import load_face_model
+from preprocessing.synth import example_crop
 
 LOG = logging.getLogger("frnet.tracking")
 CHAMPION = "champion"
@@ -32,6 +39,14 @@ CHAMPION = "champion"
 RANKING_TAG = "aflw2000.nme_mean_of_bins"
 # MLflow takes at most this many params in one batch.
 PARAMS_PER_BATCH = 100
+
+
+# Crops of any square size in; per face 68 landmarks (crop pixels), pose (degrees), parameters.
+SERVED_SIGNATURE = ModelSignature(
+    inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+    outputs=Schema([TensorSpec(np.dtype(np.float64), (-1, 68, 2), "landmarks"),
+                    TensorSpec(np.dtype(np.float64), (-1, 3), "pose"),
+                    TensorSpec(np.dtype(np.float64), (-1, 62), "params")]))
 
 
 @dataclass(frozen=True)
@@ -107,48 +122,70 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def log_network(network: torch.nn.Module, bundle_path: Path, name: str = "model") -> str:
-    """Log the network (pickled module, signature, a batch-2 input example) with the model file
-    beside it; returns the logged model's URI."""
-    example = np.zeros((2, 3, CROP_SIZE, CROP_SIZE), dtype=np.float32)
-    with torch.no_grad():
-        output = network.eval()(torch.from_numpy(example)).numpy()
-    info = mlflow.pytorch.log_model(
-        network, name=name, signature=infer_signature(example, output), input_example=example,
-        serialization_format="pickle", extra_files=[str(bundle_path)],
-    )
+def log_served_model(bundle: ModelBundle, example: np.ndarray | None = None, name: str = "model") -> str:
+    """Log ``bundle`` as a self-contained pyfunc model (:mod:`models.served`): crops in,
+    landmarks, pose and parameters out; its data (the morphable model's arrays included), the
+    inference modules as its code, explicit requirements and a signature with ``example`` (a
+    (120, 120, 3) BGR uint8 crop; default: a synthetic face) as the input example. Returns the
+    logged model's URI."""
+    face_model = load_face_model(bundle.morphable_source)
+    example = example_crop() if example is None else example
+    with tempfile.TemporaryDirectory() as scratch:
+        data = Path(scratch) / "data"
+        served.write_model_folder(data, bundle_to_dict(bundle), face_model)
+        code = Path(scratch) / "code" / "models"
+        code.mkdir(parents=True)
+        (code / "__init__.py").write_text("")
+        source = Path(served.__file__).parent
+        for module in served.MODULES:
+            shutil.copy(source / f"{module}.py", code / f"{module}.py")
+        batch = example[None] if example.ndim == 3 else example
+        served.load_model_folder(data).predict(batch)  # what is logged answers its own example
+        info = mlflow.pyfunc.log_model(
+            name=name, loader_module="models.served", data_path=str(data), code_paths=[str(code)],
+            pip_requirements=served_requirements(), signature=SERVED_SIGNATURE, input_example=batch)
     return info.model_uri
+
+
+def served_requirements() -> list[str]:
+    """What a served model needs, at the versions installed here (public index names)."""
+    return [f"{name}=={version(name).split('+')[0]}"
+            for name in ("mlflow", "torch", "numpy", "opencv-python-headless")]
 
 
 def register(name: str, model_uri: str, run_id: str, figures: dict[str, float]) -> tuple[str, bool]:
     """Register a model version with its evaluation figures as tags; move ``champion`` to it
-    only if its NME beats the current champion's. Returns (version, promoted)."""
+    only if its NME (``figures[RANKING_TAG]``) beats the current champion's. A version without
+    that figure (not evaluated) never becomes champion. Returns (version, promoted)."""
     client = mlflow.MlflowClient()
     version = str(mlflow.register_model(model_uri, name).version)
     for key, value in figures.items():  # full precision: the ranking tag is compared exactly
         client.set_model_version_tag(name, version, key, repr(float(value)))
     client.set_model_version_tag(name, version, "run_id", run_id)
-    score = figures[RANKING_TAG]
+    score = figures.get(RANKING_TAG)
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
         best = float(current.tags.get(RANKING_TAG, "inf"))
     except mlflow.exceptions.MlflowException:
         current, best = None, float("inf")
-    promoted = score < best
+    promoted = score is not None and score < best
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version)
         LOG.info("%s version %s is the new champion (NME %.3f%%, was %s)", name, version, 100 * score,
                  "none" if current is None else f"{100 * best:.3f}%")
+    elif score is None:
+        LOG.info("%s version %s registered without an evaluation; the champion is unchanged", name, version)
     else:
         LOG.info("%s version %s registered; the champion (version %s, NME %.3f%%) stays", name, version,
                  current.version, 100 * best)
     return version, promoted
 
 
-def bundle_from_model_uri(model_uri: str, tracking: str | None = None) -> Any:
-    """The model file logged beside a network (``models:/NAME@ALIAS``, ``runs:/...``, ...)."""
-    from models.checkpoint import load_bundle
-
+def bundle_from_model_uri(model_uri: str, tracking: str | None = None) -> ModelBundle:
+    """The model file of a registered or logged model (``models:/NAME@ALIAS``, ``runs:/...``),
+    with its morphable model read from the arrays logged beside it. Versions logged before the
+    self-contained format (a pickled network with the model file under ``extra_files/``) still
+    load: their morphable model is found by the source the file names."""
     if tracking:
         mlflow.set_tracking_uri(tracking)
     try:
@@ -156,9 +193,16 @@ def bundle_from_model_uri(model_uri: str, tracking: str | None = None) -> Any:
     except mlflow.exceptions.MlflowException as err:
         store = mlflow.get_tracking_uri()
         raise ValueError(f"{model_uri}: cannot fetch from {store} ({err.message})") from err
+    described = sorted(folder.rglob(served.META_FILE))
+    if described:
+        data_folder = described[0].parent
+        bundle, _ = load_bundle(data_folder / served.MODEL_FILE)
+        arrays = json.loads(described[0].read_text())["morphable_arrays"]
+        return replace(bundle, morphable_source=f"3ddfa:{data_folder / arrays}")
     files = sorted((folder / "extra_files").glob("*.pt"))
     if len(files) != 1:
-        raise ValueError(f"{model_uri}: expected one model file under extra_files/, found {len(files)}")
+        raise ValueError(f"{model_uri}: neither a self-contained model ({served.META_FILE}) nor one "
+                         f"model file under extra_files/ (found {len(files)}); register it again")
     bundle, _ = load_bundle(files[0])
     return bundle
 

@@ -21,8 +21,8 @@ from pipeline.tracking import (
     active_run,
     current_store,
     log_metrics,
-    log_network,
     log_run_config,
+    log_served_model,
     open_store,
 )
 from pipeline.train_config import TrainConfig
@@ -44,7 +44,7 @@ def train(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
         result = make_trainer(config, run_dir, manifest, run).fit()
         model_path, metrics = best_model_file(result, run_dir / "models" / f"{config.run.name}.pt")
         bundle, _ = load_bundle(model_path)
-        model_uri = log_network(bundle.build_network(), model_path)
+        model_uri = log_served_model(bundle)
         log_metrics({"best_val_nme": metrics["val_nme"], "best_epoch": metrics["epoch"]})
         figures = {"run_id": run.run_id, "tracking_uri": current_store(), "model_uri": model_uri,
                    "model_file": str(model_path), "best": metrics, "synthetic_data": synthetic}

@@ -33,7 +33,7 @@ import numpy as np
 import scipy.io
 
 from models.evaluation import AFLW21_FROM_68
-from models.frame import landmark_crop_box, reflect
+from models.frame import crop_image, landmark_crop_box, reflect
 from models.mirror import mirror_map
 from models.params import NUM_EXPRESSION, NUM_SHAPE, rotation_from_angles
 from models.synthetic_face import SyntheticHead, build_synthetic_head
@@ -222,6 +222,15 @@ def render_face(head: SyntheticHead, spec: FaceSpec) -> tuple[np.ndarray, np.nda
     colours = head.colours(spec.skin_bgr, spec.hair_bgr)
     image, _ = render_mesh(vertices, head.model.triangles, colours, background, spec.lighting)
     return image, vertices
+
+
+def example_crop(seed: int = 0) -> np.ndarray:
+    """One synthetic AFLW2000-3D-style face cropped by the landmark rule: (120, 120, 3) BGR uint8,
+    a realistic input example for a logged model."""
+    head = build_synthetic_head()
+    spec = face_specs(SynthConfig("aflw2000-3d", n=1, seed=seed), head)[0]
+    image, vertices = render_face(head, spec)
+    return crop_image(image, landmark_crop_box(vertices[:2, head.model.landmark_indices]))
 
 
 def _mat_fields(head: SyntheticHead, spec: FaceSpec, vertices: np.ndarray, layout: str) -> dict:

@@ -119,3 +119,20 @@ def test_the_checks_see_a_planted_copy(tmp_path):
     assert "CROP_SIZE" in module_names(planted)
     assert sum(is_reflection(node) for node in docstring_free_nodes(planted)) == 1
     assert sum(is_crop_side(node) for node in docstring_free_nodes(planted)) == 2
+
+
+def test_a_served_model_ships_every_module_it_imports_and_no_other_package():
+    """The code logged with a registered model (models.served.MODULES) is closed under its own
+    imports and needs only the standard library, torch, numpy and OpenCV."""
+    import sys
+
+    from models.served import MODULES
+
+    allowed = {"torch", "numpy", "cv2", "__future__"} | set(sys.stdlib_module_names)
+    for module in MODULES:
+        for name in imported_modules(REPO_ROOT / "models" / f"{module}.py"):
+            top, _, rest = name.partition(".")
+            if top == "models":
+                assert rest in MODULES, f"models/{module}.py imports {name}, which a served model lacks"
+            else:
+                assert top in allowed, f"models/{module}.py imports {name}: not shipped with a served model"

@@ -329,12 +329,18 @@ def kill_raylet(cluster: Cluster) -> int:
 
 
 def wait_for_mlflow(server: subprocess.Popen, log_path: Path, uri: str, deadline: Deadline) -> None:
-    up_by = deadline.within(MLFLOW_UP_S, "waiting for the mlflow server's /health")
+    wait_for_url(server, log_path, f"{uri}/health",
+                 deadline.within(MLFLOW_UP_S, "waiting for the mlflow server's /health"))
+
+
+def wait_for_url(server: subprocess.Popen, log_path: Path, url: str, up_by: Deadline) -> None:
+    """Until ``url`` answers 200, failing if ``server`` exits first or ``up_by`` passes."""
     while True:
         if server.poll() is not None:
-            pytest.fail(f"mlflow server exited with {server.returncode}:\n{tail(log_path)}")
+            pytest.fail(f"`{' '.join(map(str, server.args[:3]))}` exited with {server.returncode}:\n"
+                        f"{tail(log_path)}")
         try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+            with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, OSError):
