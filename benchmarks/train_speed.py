@@ -53,7 +53,7 @@ def bare_loop(shards: Path, epochs: int) -> float:
     stats = manifest.whitening
     mean, std = torch.tensor(stats.mean, dtype=torch.float32), torch.tensor(stats.std, dtype=torch.float32)
     network = build_model("mobile-frnet")
-    optimizer = make_optimizer(network, OptimConfig())
+    optimizer = make_optimizer(network, OptimConfig(), OptimConfig().lr)
     loss_fn = FRNetLoss(1.0, 0.05, stats, load_face_model(manifest.morphable_model.source))
     generator = torch.Generator().manual_seed(0)
     rates = []

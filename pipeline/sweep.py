@@ -37,6 +37,7 @@ from pipeline.tracking import (
     end_run,
     find_nested_run,
     flatten,
+    learning_rate_params,
     log_artifact,
     log_dict,
     log_metrics,
@@ -129,7 +130,7 @@ def trial_run(context: SweepContext, trial_id: str, config: TrainConfig, searche
     """The trial's MLflow run under the sweep's parent run (found again when a trial resumes)."""
     tags = {"trial_id": trial_id, "sweep": context.name, "searched": ", ".join(sorted(searched))}
     return nested_run(context.tracking_uri, context.experiment_id, context.parent_run_id, trial_id, tags,
-                      flatten(asdict(config)))
+                      {**flatten(asdict(config)), **learning_rate_params(config)})
 
 
 def find_trial_run(context: SweepContext, trial_id: str) -> str:

@@ -217,6 +217,11 @@ def log_run_config(config: dict[str, Any], config_yaml: str, manifest: dict[str,
     mlflow.set_tags(tags)
 
 
+def learning_rate_params(config: Any) -> dict[str, str]:
+    """The effective learning rate of a TrainConfig and the global batch it follows, as params."""
+    return {"optim.effective_lr": repr(config.lr), "optim.global_batch": str(config.global_batch)}
+
+
 def log_params(params: dict[str, Any]) -> None:
     """Params of the active run, in batches MLflow accepts."""
     items = list(params.items())
@@ -265,6 +270,13 @@ def tag_run(target: TrackingTarget, key: str, value: str) -> None:
 def end_run(target: TrackingTarget, status: str) -> None:
     """End ``target`` as FINISHED, KILLED or FAILED."""
     mlflow.MlflowClient(target.tracking_uri).set_terminated(target.run_id, status)
+
+
+def find_run_by_name(experiment_id: str, name: str) -> tuple[str, str] | None:
+    """(run id, status) of the newest run named ``name`` in the experiment, or None."""
+    runs = mlflow.MlflowClient().search_runs([experiment_id], filter_string=f"attributes.run_name = '{name}'",
+                                             order_by=["attributes.start_time DESC"], max_results=1)
+    return (runs[0].info.run_id, runs[0].info.status) if runs else None
 
 
 def nested_run(store: str, experiment_id: str, parent_run_id: str, name: str, tags: dict[str, str],

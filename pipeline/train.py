@@ -1,6 +1,7 @@
 """Train Mobile-FRNet with Ray Train (DDP) on the Parquet shards, tracked in MLflow.
 
     frnet train --config configs/train.yaml [--shards DIR] [--storage DIR] [--epochs N] [--run-dir DIR]
+    frnet train --config configs/train.yaml --name NAME --resume     # continue an unfinished run
     python pipeline/train.py --config configs/train.yaml
     ray submit cluster.yaml pipeline/train.py -- --config configs/cluster/train.yaml
 
@@ -34,7 +35,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--storage", help="override run.storage_path: checkpoints (on a cluster of "
                         "several nodes, a folder every node mounts or s3://)")
     parser.add_argument("--epochs", type=int, help="override epochs")
-    parser.add_argument("--name", help="override run.name (the same name resumes)")
+    parser.add_argument("--name", help="override run.name (a name in use is refused unless --resume)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the unfinished run of this name (same config) in its MLflow run")
     parser.add_argument("--run-dir", type=Path, default=Path("runs/default"),
                         help="where the Ray run, the MLflow store and the model file go")
     parser.add_argument("--num-cpus", type=int, help="CPUs of a local Ray started here (default: all)")
@@ -66,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
-        figures = train(config, args.run_dir)
+        figures = train(config, args.run_dir, resume=args.resume)
+    except ConfigError as err:  # a run name in use, or a run that cannot be resumed
+        LOG.error("%s", err)
+        return 2
     except (FileNotFoundError, ValueError) as err:
         LOG.error("%s", err)
         return 1

@@ -54,10 +54,16 @@ class OptimConfig:
     warmup_factor: float = 0.2  # lr * factor during the warm-up epochs
     milestones: tuple[int, ...] = (30, 40)  # sgd: epochs where lr is multiplied by gamma
     gamma: float = 0.2
+    # The global batch (workers x data.batch_size) ``lr`` was tuned for, and how lr follows
+    # another: linear (lr x global / reference, with the warm-up above) or none.
+    reference_batch: int = 256
+    lr_scaling: Literal["linear", "none"] = "none"
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.reference_batch < 1:
+            raise ValueError(f"reference_batch must be >= 1, got {self.reference_batch}")
         if list(self.milestones) != sorted(self.milestones):
             raise ValueError(f"milestones must increase, got {list(self.milestones)}")
 
@@ -105,7 +111,7 @@ class ScalingConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    name: str = "mobile-frnet"  # the same name resumes the same run
+    name: str = "mobile-frnet"  # one run per name; `frnet train --resume` continues an unfinished one
     storage_path: str = ""  # empty: RUN_DIR/ray; shared storage (s3://, NFS) on a cluster
     max_failures: int = 2
     keep_checkpoints: int = 3  # the best by validation NME
@@ -116,6 +122,13 @@ class MlflowConfig:
     tracking_uri: str = ""  # empty: sqlite:///<abs run dir>/mlflow.db
     experiment: str = "mobile-frnet"
     registered_model: str = "mobile-frnet"
+
+
+def effective_lr(optim: OptimConfig, global_batch: int) -> float:
+    """The learning rate a run uses: ``optim.lr`` scaled to ``global_batch`` by its rule."""
+    if optim.lr_scaling == "linear":
+        return optim.lr * global_batch / optim.reference_batch
+    return optim.lr
 
 
 @dataclass(frozen=True)
@@ -132,6 +145,15 @@ class TrainConfig:
     deterministic: bool = False  # torch deterministic algorithms (slower)
     bf16: bool = True  # autocast on GPU
     channels_last: bool = True  # on GPU
+
+    @property
+    def global_batch(self) -> int:
+        return self.scaling.num_workers * self.data.batch_size
+
+    @property
+    def lr(self) -> float:
+        """The effective learning rate (:func:`effective_lr` at this config's global batch)."""
+        return effective_lr(self.optim, self.global_batch)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:

@@ -115,11 +115,12 @@ class EpochSums:
 
 # -- optimisation -----------------------------------------------------------------------------
 
-def make_optimizer(network: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
+def make_optimizer(network: nn.Module, config: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """The optimiser of ``config`` at learning rate ``lr`` (the effective one, see TrainConfig.lr)."""
     if config.name == "sgd":
-        return torch.optim.SGD(network.parameters(), lr=config.lr, momentum=config.momentum,
+        return torch.optim.SGD(network.parameters(), lr=lr, momentum=config.momentum,
                                nesterov=config.nesterov, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=config.weight_decay)
 
 
 def lr_factor(epoch: int, config: OptimConfig, epochs: int) -> float:
@@ -168,7 +169,7 @@ def start_worker(config: TrainConfig, inputs: WorkerInputs) -> Worker:
     if device.type == "cuda" and config.channels_last:
         network = network.to(memory_format=torch.channels_last)
     network = ray.train.torch.prepare_model(network)
-    optimizer = make_optimizer(network, config.optim)
+    optimizer = make_optimizer(network, config.optim, config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda epoch: lr_factor(epoch, config.optim, config.epochs))
     loss_fn = FRNetLoss(config.loss.lambda1, config.loss.lambda2, inputs.whitening, face_model,

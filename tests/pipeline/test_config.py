@@ -80,3 +80,20 @@ def test_resources_per_worker_reach_the_trial(tmp_path):
     config = trial_config(context, {"loss.lambda2": 0.1}, "t1")
     assert config.scaling.resources_per_worker == {"trial_slot": 1.0}
     assert config.scaling.num_workers == 1 and config.loss.lambda2 == 0.1
+
+
+def test_the_learning_rate_follows_the_global_batch():
+    from pipeline.train_config import DataConfig, OptimConfig, ScalingConfig, TrainConfig
+
+    def config(workers: int, batch: int, scaling: str) -> TrainConfig:
+        return TrainConfig(optim=OptimConfig(lr=0.02, reference_batch=256, lr_scaling=scaling),
+                           data=DataConfig(batch_size=batch), scaling=ScalingConfig(num_workers=workers))
+
+    assert config(2, 128, "linear").lr == 0.02  # the batch it was tuned for
+    assert config(4, 128, "linear").lr == pytest.approx(0.04) and config(4, 128, "linear").global_batch == 512
+    assert config(2, 8, "linear").lr == pytest.approx(0.02 * 16 / 256)
+    assert config(4, 128, "none").lr == 0.02
+    shipped = load_config(REPO_ROOT / "configs" / "train.yaml", TrainConfig)
+    assert shipped.optim.lr_scaling == "linear" and shipped.lr == shipped.optim.lr  # 2 x 128 = 256
+    with pytest.raises(ConfigError, match="lr_scaling' must be one of"):
+        from_dict(TrainConfig, {"optim": {"lr_scaling": "sqrt"}})

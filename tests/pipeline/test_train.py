@@ -1,14 +1,23 @@
 """Ray Train on the shards, end to end: DDP on two workers, MLflow, the model file, resuming."""
 
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+
 import mlflow
 import numpy as np
 import pytest
+import yaml
 
 from models.checkpoint import load_bundle
-from pipeline.train_config import DataConfig, RunConfig, ScalingConfig, TrainConfig
+from pipeline.config import ConfigError, to_plain
+from pipeline.train_config import DataConfig, OptimConfig, RunConfig, ScalingConfig, TrainConfig
 from pipeline.training import train
 from preprocessing.synth import SynthConfig, generate
 from tests.conftest import tiny_shards
+from tests.pipeline.cluster_harness import FOREIGN_ENV, tail
 
 pytestmark = pytest.mark.slow
 
@@ -62,15 +71,86 @@ def test_training_logs_to_mlflow_and_resumes(shards, tmp_path):
     by_alias = mlflow.pyfunc.load_model("models:/mobile-frnet@champion")
     np.testing.assert_allclose(by_alias.predict(crops)["params"], predictor.predict_params(crops), rtol=1e-5)
 
-    # The same run name picks up where it stopped: only epoch 3 is trained. Version 2 becomes
-    # the champion only if its NME is lower.
-    again = train(small_config(shards, "t1", epochs=3), run_dir)
-    steps = [m.step for m in client.get_metric_history(again["run_id"], "val_nme")]
-    assert steps == [3]
+    # The name is taken: without --resume it is refused, and a finished run cannot be resumed.
+    taken = r"a run named 't1' exists \(MLflow run \w+ \(finished\), checkpoints in .*: give another name"
+    with pytest.raises(ConfigError, match=taken + r" .* or --resume to continue it"):
+        train(small_config(shards, "t1", epochs=3), run_dir)
+    with pytest.raises(ConfigError, match=r"--resume: the run named 't1' \(MLflow run \w+\) finished"):
+        train(small_config(shards, "t1", epochs=2), run_dir, resume=True)
+    with pytest.raises(ConfigError, match="--resume: no run named 'nothing' to continue"):
+        train(small_config(shards, "nothing", epochs=2), run_dir, resume=True)
+
+    # A second run, its learning rate scaled from a reference batch of 32 to the global 2 x 8:
+    # 0.02 x 16 / 32, times the warm-up's 0.2 in epoch 1. It registers version 2, the champion
+    # only if its NME is lower.
+    scaled = replace(small_config(shards, "t1-again", epochs=1),
+                     optim=OptimConfig(reference_batch=32, lr_scaling="linear"))
+    again = train(scaled, run_dir)
+    params = client.get_run(again["run_id"]).data.params
+    assert float(params["optim.effective_lr"]) == pytest.approx(0.01) and params["optim.global_batch"] == "16"
+    assert client.get_metric_history(again["run_id"], "lr")[0].value == pytest.approx(0.002)
     better = again["aflw2000"]["nme_mean_of_bins"] < figures["aflw2000"]["nme_mean_of_bins"]
     assert again["model_version"] == "2" and again["champion"] == better
     expected = "2" if better else "1"
     assert str(client.get_model_version_by_alias("mobile-frnet", "champion").version) == expected
+
+
+def test_an_interrupted_run_resumes_on_purpose_in_the_same_mlflow_run(shards, tmp_path, processes):
+    """`frnet train` killed in epoch 3 of 3; then refused without --resume and with another
+    learning rate; `--resume` trains epoch 3 alone into the same MLflow run."""
+    keeper, _ = processes
+    run_dir = tmp_path / "run"
+    config = to_plain(small_config(shards, "interrupted", epochs=3))
+    config["data"]["batch_size"] = 2  # more steps: epochs of a few seconds
+    env = {key: value for key, value in os.environ.items() if key not in FOREIGN_ENV}
+
+    def command(config: dict, *flags: str) -> list[str]:
+        path = tmp_path / f"train-{len(list(tmp_path.glob('train-*.yaml')))}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return [sys.executable, "-m", "pipeline.cli", "train", "--config", str(path), "--run-dir",
+                str(run_dir), "--num-cpus", "2", "--json", str(tmp_path / "figures.json"), *flags]
+
+    popen, log_path = keeper.start("train-interrupted", command(config), env)
+    store = f"sqlite:///{run_dir.resolve() / 'mlflow.db'}"
+    while 2 not in epochs_logged(store, "interrupted"):
+        assert popen.poll() is None, tail(log_path)
+        time.sleep(0.3)
+    assert not keeper.stop({popen.pid})
+    run_id = run_named(store, "interrupted").info.run_id
+
+    status, output = keeper.run("train-again", command(config), env, 600)
+    assert status == 2, output[-3000:]
+    # Stopped by SIGTERM, the driver ends its MLflow run as failed (after SIGKILL it stays running).
+    assert f"a run named 'interrupted' exists (MLflow run {run_id} (failed), checkpoints in " in output
+    other_lr = {**config, "optim": {**config["optim"], "lr": 0.04}}
+    status, output = keeper.run("train-changed", command(other_lr, "--resume"), env, 600)
+    assert status == 2 and "optim.lr: 0.02 -> 0.04" in output, output[-3000:]
+
+    status, output = keeper.run("train-resume", command(config, "--resume"), env, 600)
+    assert status == 0, output[-4000:]
+    assert "resumed from the checkpoint of epoch 2" in output
+    figures = json.loads((tmp_path / "figures.json").read_text())
+    client = mlflow.MlflowClient(store)
+    assert figures["run_id"] == run_id and client.get_run(run_id).info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run_id, "val_nme")) == [1, 2, 3]
+    status, output = keeper.run("train-resume-finished", command(config, "--resume"), env, 600)
+    assert status == 2 and f"the run named 'interrupted' (MLflow run {run_id}) finished" in output
+
+
+def run_named(store: str, name: str):
+    client = mlflow.MlflowClient(store)
+    experiment = client.get_experiment_by_name("mobile-frnet")
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{name}'")
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def epochs_logged(store: str, name: str) -> set[int]:
+    try:
+        run = run_named(store, name)
+    except (mlflow.exceptions.MlflowException, AttributeError, AssertionError):  # not there yet
+        return set()
+    return {m.step for m in mlflow.MlflowClient(store).get_metric_history(run.info.run_id, "val_nme")}
 
 
 def test_evaluate_pulls_the_champion_by_alias(shards, tmp_path):

@@ -1,0 +1,107 @@
+"""Whether a training run may start: a run name is used once, and continued only on purpose.
+
+A run is known by its ``run.name``: an MLflow run of that name in the experiment, and Ray
+Train's checkpoints under STORAGE/NAME (which Ray Train would otherwise pick up silently).
+Without ``--resume`` a known name is refused; with it, the run must be unfinished and the config
+must equal the one its latest checkpoint was trained with, key for key. The training then goes
+on in the same MLflow run, so its curves stay one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+import ray.train
+
+from models.checkpoint import load_bundle
+from pipeline.cluster_storage import storage_location
+from pipeline.config import ConfigError, to_plain
+from pipeline.tracking import current_store, find_run_by_name
+from pipeline.train_config import TrainConfig
+from pipeline.worker import CHECKPOINT_FILE
+from preprocessing.datasets import resolve
+
+CHECKPOINT_PREFIX = "checkpoint_"
+FINISHED = "FINISHED"
+
+
+@dataclass(frozen=True)
+class PreviousRun:
+    """What is left of a run name: its MLflow run (id, status) and its latest checkpoint."""
+
+    run_id: str | None
+    status: str | None
+    checkpoint: str | None  # the latest checkpoint folder (a path or URI)
+
+    @property
+    def exists(self) -> bool:
+        return self.run_id is not None or self.checkpoint is not None
+
+
+def previous_run(config: TrainConfig, run_dir: Path, experiment_id: str) -> PreviousRun:
+    """The run of ``config.run.name`` in the MLflow experiment and in the storage."""
+    found = find_run_by_name(experiment_id, config.run.name)
+    folder = f"{storage_location(config.run.storage_path, run_dir).rstrip('/')}/{config.run.name}"
+    return PreviousRun(*(found or (None, None)), latest_checkpoint(folder))
+
+
+def latest_checkpoint(folder: str) -> str | None:
+    """The newest ``checkpoint_*`` folder of a Ray Train run folder (names sort by time)."""
+    filesystem, root = resolve(folder)
+    try:
+        entries = filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError:
+        return None
+    names = sorted(entry.base_name for entry in entries
+                   if entry.type == pafs.FileType.Directory and entry.base_name.startswith(CHECKPOINT_PREFIX))
+    return f"{folder}/{names[-1]}" if names else None
+
+
+def checkpoint_config(checkpoint: str) -> tuple[dict[str, Any], int]:
+    """The config a checkpoint was trained with (plain data) and its epoch."""
+    filesystem, path = resolve(checkpoint)
+    with ray.train.Checkpoint(path, filesystem=filesystem).as_directory() as folder:
+        bundle, training = load_bundle(Path(folder) / CHECKPOINT_FILE)
+    return to_plain(bundle.config), int((training or {}).get("epoch", 0))
+
+
+def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every dotted key whose value differs (or exists on one side)."""
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key, "(absent)"), new.get(key, "(absent)")
+        if isinstance(before, dict) and isinstance(after, dict):
+            lines += differences(before, after, f"{prefix}{key}.")
+        elif before != after:
+            lines.append(f"{prefix}{key}: {before} -> {after}")
+    return lines
+
+
+def run_to_continue(config: TrainConfig, run_dir: Path, experiment_id: str, resume: bool) -> str | None:
+    """The MLflow run id to log into (None: a new run), or a ConfigError that names the way out."""
+    name = config.run.name
+    found = previous_run(config, run_dir, experiment_id)
+    if not resume:
+        if found.exists:
+            where = [f"MLflow run {found.run_id} ({found.status.lower()})" if found.run_id else "",
+                     f"checkpoints in {found.checkpoint.rsplit('/', 1)[0]}" if found.checkpoint else ""]
+            raise ConfigError(f"a run named {name!r} exists ({', '.join(w for w in where if w)} in "
+                              f"{current_store()}): give another name (--name or run.name) for a new run, "
+                              "or --resume to continue it")
+        return None
+    if not found.exists:
+        raise ConfigError(f"--resume: no run named {name!r} to continue in {current_store()}")
+    if found.status == FINISHED:
+        raise ConfigError(f"--resume: the run named {name!r} (MLflow run {found.run_id}) finished; "
+                          "give another name (--name or run.name) for a new run")
+    if found.checkpoint is not None:
+        old, epoch = checkpoint_config(found.checkpoint)
+        changed = differences(old, to_plain(asdict(config)))
+        if changed:
+            raise ConfigError(f"--resume: the config differs from the one run {name!r} was trained with "
+                              f"(its checkpoint of epoch {epoch}): {'; '.join(changed)}. Resume with that "
+                              "config, or start a new run under another name (--name or run.name)")
+    return found.run_id
