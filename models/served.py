@@ -82,10 +82,7 @@ class ServedModel:
 
 
 def as_crops(model_input: Any) -> np.ndarray:
-    """(N, S, S, 3) uint8 from what pyfunc passes (an array, or a one-column frame of arrays)."""
-    if hasattr(model_input, "to_numpy") and not isinstance(model_input, np.ndarray):
-        values = model_input.to_numpy()
-        model_input = np.stack(list(values.reshape(-1))) if values.dtype == object else values
+    """(N, S, S, 3) uint8 from what pyfunc passes (an array, as the tensor signature makes it)."""
     crops = np.asarray(model_input)
     if crops.ndim == 3:
         crops = crops[None]

@@ -31,6 +31,7 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -94,12 +95,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--yaw-file {args.yaw_file} needs --protocol (the folder with the yaw arrays)")
     if args.aflw_protocol is not None and args.aflw is None:
         raise ValueError("--aflw-protocol needs --aflw")
-    extras = [flag for flag, value in (("--morphable", args.morphable), ("--param-stats", args.param_stats))
-              if value is not None]
-    if args.arch is None and extras:
-        raise ValueError(f"{' and '.join(extras)} only go with --arch (a model file carries its own)")
-    if args.arch is not None and len(extras) < 2:
-        raise ValueError("--arch needs --morphable SOURCE and --param-stats MEAN_FILE,STD_FILE")
+    check_model_args(args)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
 
@@ -107,12 +103,23 @@ def check_args(args: argparse.Namespace) -> None:
 
 # -- the model ------------------------------------------------------------------------------------
 
-def parse_param_stats(spec: str) -> ParamStats:
-    """``MEAN_FILE,STD_FILE`` -> the whitening statistics in those two text files."""
+def check_model_args(args: argparse.Namespace) -> None:
+    """``--morphable`` and ``--param-stats`` go with ``--arch`` (a bare checkpoint), both of them."""
+    extras = [flag for flag, value in (("--morphable", args.morphable), ("--param-stats", args.param_stats))
+              if value is not None]
+    if args.arch is None and extras:
+        raise ValueError(f"{' and '.join(extras)} only go with --arch (a model file carries its own)")
+    if args.arch is not None and len(extras) < 2:
+        raise ValueError("--arch needs --morphable SOURCE and --param-stats MEAN_FILE,STD_FILE")
+
+
+def parse_param_stats(spec: str, locate: Callable[[str], Path] = Path) -> ParamStats:
+    """``MEAN_FILE,STD_FILE`` -> the whitening statistics in those two text files (each path
+    found by ``locate``)."""
     parts = spec.split(",")
     if len(parts) != 2 or not all(part.strip() for part in parts):
         raise ValueError(f"--param-stats {spec!r}: expected MEAN_FILE,STD_FILE (two paths, one comma)")
-    return ParamStats.from_text_files(Path(parts[0].strip()), Path(parts[1].strip()))
+    return ParamStats.from_text_files(locate(parts[0].strip()), locate(parts[1].strip()))
 
 
 def read_model_file(path: Path) -> ModelBundle:

@@ -26,7 +26,7 @@ from models.checkpoint import ModelBundle
 from models.face_models import load_face_model
 from models.registry import ARCHITECTURES, build_model, load_model
 from pipeline.common import progress_logger, setup_logging, write_json
-from pipeline.evaluate import parse_param_stats, read_model_file
+from pipeline.evaluate import check_model_args, parse_param_stats, read_model_file
 from pipeline.paths import RULE, input_path, model_source
 from pipeline.registration import register_scored
 from pipeline.scoring import aflw2000_reports, predict_aflw2000
@@ -63,18 +63,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def read_bundle(args: argparse.Namespace) -> ModelBundle:
     """The model the arguments name, as a model file would hold it; a ValueError says why not."""
-    extras = [flag for flag, value in (("--morphable", args.morphable), ("--param-stats", args.param_stats))
-              if value is not None]
+    check_model_args(args)
     checkpoint = input_path(args.checkpoint, "--checkpoint")
     if args.arch is None:
-        if extras:
-            raise ValueError(f"{' and '.join(extras)} only go with --arch (a model file carries its own)")
         return read_model_file(checkpoint)
-    if len(extras) < 2:
-        raise ValueError("--arch needs --morphable SOURCE and --param-stats MEAN_FILE,STD_FILE")
-    mean_file, _, std_file = args.param_stats.partition(",")
-    stats = parse_param_stats(",".join(str(input_path(part.strip(), "--param-stats"))
-                                       for part in (mean_file, std_file) if part.strip()))
+    stats = parse_param_stats(args.param_stats, lambda path: input_path(path, "--param-stats"))
     source = model_source(args.morphable, "--morphable")
     face_model = load_face_model(source)
     network = load_model(args.arch, args.width, checkpoint)  # ValueError names the file
