@@ -8,8 +8,10 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow.parquet as pq
 import ray
+from ray.data import FileShuffleConfig
 
 from models.frame import CROP_SIZE
+from pipeline.train_config import DataConfig
 from preprocessing.benchmark_sets import FaceBatch
 from preprocessing.datasets import resolve
 from preprocessing.manifest import SPLITS, Manifest
@@ -21,30 +23,50 @@ DECODE_BATCH_ROWS = 256
 
 
 def decode_batch(batch: dict[str, np.ndarray], image_format: str) -> dict[str, np.ndarray]:
-    """Shard rows -> uint8 images (B, 120, 120, 3) and float32 labels (B, 62) / landmarks (B, 204)."""
+    """Shard rows -> uint8 images (B, 120, 120, 3) and float32 labels (B, 62) / landmarks (B, 204);
+    any other column passes through."""
     images = np.stack([decode_image(data, image_format, CROP_SIZE) for data in batch["image"]])
     return {
+        **batch,
         "image": images,
         "label": np.asarray(np.stack(batch["label"]), dtype=np.float32),
         "landmarks": np.asarray(np.stack(batch["landmarks"]), dtype=np.float32),
     }
 
 
-def shard_datasets(shards: str, manifest: Manifest, cache_decoded: bool = False,
-                   ) -> dict[str, ray.data.Dataset]:
-    """Ray datasets of the train and val shards, decoded to uint8 crops in Ray Data tasks (once,
-    into the object store, with ``cache_decoded``; otherwise again every epoch)."""
+def read_split(shards: str, manifest: Manifest, split: str, columns: list[str],
+               file_seed: int | None = None) -> ray.data.Dataset:
+    """The ``columns`` of a split's shards; with ``file_seed``, the files in a new seeded order
+    each time the dataset runs (every epoch), otherwise in the manifest's order."""
     filesystem, root = resolve(shards)
-    datasets = {}
-    for split in SPLITS:
-        paths = [f"{root}/{name}" for name in manifest.splits[split]]
-        if not paths:
-            raise ValueError(f"{shards}: the {split} split is empty")
-        dataset = ray.data.read_parquet(paths, filesystem=filesystem).select_columns(TRAINING_COLUMNS)
-        dataset = dataset.map_batches(decode_batch, fn_kwargs={"image_format": manifest.image_format},
-                                      batch_format="numpy", batch_size=DECODE_BATCH_ROWS)
-        datasets[split] = dataset.materialize() if cache_decoded else dataset
-    return datasets
+    paths = [f"{root}/{name}" for name in manifest.splits[split]]
+    if not paths:
+        raise ValueError(f"{shards}: the {split} split is empty")
+    shuffle = None if file_seed is None else FileShuffleConfig(seed=file_seed, reseed_after_execution=True)
+    return ray.data.read_parquet(paths, filesystem=filesystem, shuffle=shuffle).select_columns(columns)
+
+
+def crops_per_source(manifest: Manifest) -> int:
+    """Training rows each source image gave (stored side by side in its shard)."""
+    return int(manifest.config["augment"]["copies"])
+
+
+def split_dataset(shards: str, manifest: Manifest, data: DataConfig, seed: int, split: str,
+                  extra_columns: tuple[str, ...] = ()) -> ray.data.Dataset:
+    """A split as training reads it: the shard files (the training ones in a new order every
+    epoch with ``data.shuffle_files``), decoded to uint8 crops in Ray Data tasks (once, into the
+    object store, with ``data.cache_decoded``; otherwise again every epoch)."""
+    file_seed = seed if split == "train" and data.shuffle_files else None
+    dataset = read_split(shards, manifest, split, [*TRAINING_COLUMNS, *extra_columns], file_seed)
+    dataset = dataset.map_batches(decode_batch, fn_kwargs={"image_format": manifest.image_format},
+                                  batch_format="numpy", batch_size=DECODE_BATCH_ROWS)
+    return dataset.materialize() if data.cache_decoded else dataset
+
+
+def shard_datasets(shards: str, manifest: Manifest, data: DataConfig, seed: int,
+                   ) -> dict[str, ray.data.Dataset]:
+    """Ray datasets of the train and val shards (see :func:`split_dataset`)."""
+    return {split: split_dataset(shards, manifest, data, seed, split) for split in SPLITS}
 
 
 def evaluation_batches(shards: str, manifest: Manifest, batch_size: int = 64) -> Iterator[FaceBatch]:

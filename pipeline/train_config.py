@@ -68,11 +68,19 @@ class OptimConfig:
             raise ValueError(f"milestones must increase, got {list(self.milestones)}")
 
 
+# A batch drawn from a buffer of this many batches' worth of rows, each source's crops side by
+# side, holds about SHUFFLE_SPREAD * (1 - exp(-1 / SHUFFLE_SPREAD)) = 94% distinct sources.
+SHUFFLE_SPREAD = 8
+
+
 @dataclass(frozen=True)
 class DataConfig:
     shards: str = "data/shards"  # a `frnet preprocess` output folder or URI
     batch_size: int = 128  # per worker
-    shuffle_buffer: int = 2048  # rows, per worker
+    # Rows per worker in the local shuffle buffer; None sizes it from the data (shuffle_rows).
+    shuffle_buffer: int | None = None
+    shuffle_files: bool = True  # a new seeded order of the training shards every epoch
+    max_batches: int | None = None  # per worker and epoch, training and validation; None: all
     eval_batch_size: int = 256
     # Decode the crops once into Ray's object store and train every epoch from there: for sets
     # that fit in memory (43 KB a crop decoded, against about 5.5 KB as JPEG in the shards).
@@ -82,6 +90,16 @@ class DataConfig:
         for name in ("batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("shuffle_buffer", "max_batches"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 or null, got {getattr(self, name)}")
+
+    def shuffle_rows(self, crops_per_source: int) -> int:
+        """The local shuffle buffer in rows: as set, or enough that the crops one source gives
+        (stored side by side) spread over SHUFFLE_SPREAD batches' worth of rows."""
+        if self.shuffle_buffer is not None:
+            return self.shuffle_buffer
+        return self.batch_size * crops_per_source * SHUFFLE_SPREAD
 
 
 def check_extra_resources(resources: dict[str, float]) -> None:

@@ -17,9 +17,9 @@ from ray.train.torch import TorchTrainer
 
 from models.face_models import load_face_model
 from pipeline.cluster_storage import storage_location
-from pipeline.shard_data import shard_datasets
+from pipeline.shard_data import crops_per_source, shard_datasets
 from pipeline.tracking import TrackingTarget, log_epoch_metrics, tag_run
-from pipeline.train_config import TrainConfig
+from pipeline.train_config import DataConfig, TrainConfig
 from pipeline.worker import CHECKPOINT_FILE, NODE_ID_KEY, WorkerInputs, loop_config, train_loop_per_worker
 from preprocessing.manifest import Manifest
 
@@ -51,7 +51,7 @@ def epoch_figures(metrics: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in metrics.items() if key != NODE_ID_KEY}
 
 
-def worker_inputs(manifest: Manifest) -> WorkerInputs:
+def worker_inputs(manifest: Manifest, data: DataConfig) -> WorkerInputs:
     """The workers' inputs from the shards' manifest; the morphable model that labelled the
     shards (it must still be the one its source names) is loaded here, once, and handed to the
     workers through the object store."""
@@ -60,7 +60,8 @@ def worker_inputs(manifest: Manifest) -> WorkerInputs:
     if model.identity != labels.identity:
         raise ValueError(f"the shards were labelled with {labels.identity}, "
                          f"but {labels.source!r} is now {model.identity}")
-    return WorkerInputs(manifest.whitening, ray.put(model), labels.source, model.identity)
+    return WorkerInputs(manifest.whitening, ray.put(model), labels.source, model.identity,
+                        data.shuffle_rows(crops_per_source(manifest)))
 
 
 def make_trainer(config: TrainConfig, run_dir: Path, manifest: Manifest, tracking: TrackingTarget | None,
@@ -75,7 +76,7 @@ def make_trainer(config: TrainConfig, run_dir: Path, manifest: Manifest, trackin
         resources["GPU"] = config.scaling.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(config, worker_inputs(manifest)),
+        train_loop_config=loop_config(config, worker_inputs(manifest, config.data)),
         scaling_config=ray.train.ScalingConfig(num_workers=config.scaling.num_workers,
                                                use_gpu=config.scaling.use_gpu,
                                                resources_per_worker=resources,
@@ -87,7 +88,7 @@ def make_trainer(config: TrainConfig, run_dir: Path, manifest: Manifest, trackin
                 num_to_keep=config.run.keep_checkpoints, checkpoint_score_attribute="val_nme",
                 checkpoint_score_order="min"),
         ),
-        datasets=shard_datasets(config.data.shards, manifest, config.data.cache_decoded),
+        datasets=shard_datasets(config.data.shards, manifest, config.data, config.seed),
     )
 
 

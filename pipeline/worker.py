@@ -10,6 +10,7 @@ the driver's side (:class:`pipeline.trainer.EpochLogger`) writes the epochs to M
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import tempfile
@@ -45,22 +46,25 @@ NODE_ID_KEY = "node_id"
 class WorkerInputs:
     """What every worker needs besides the config: the shards' whitening statistics and the
     morphable model that labelled them, loaded once on the driver and put in the object store
-    (``morphable_model``), with the source and identity that model files record."""
+    (``morphable_model``), with the source and identity that model files record, and the local
+    shuffle buffer in rows (sized from the shards' crops per source)."""
 
     whitening: ParamStats
     morphable_model: ray.ObjectRef
     morphable_source: str
     morphable_identity: str
+    shuffle_rows: int
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (and the model's object reference) for ``train_loop_config``."""
         return {"whitening": self.whitening.to_dict(), "morphable_model": self.morphable_model,
-                "morphable_source": self.morphable_source, "morphable_identity": self.morphable_identity}
+                "morphable_source": self.morphable_source, "morphable_identity": self.morphable_identity,
+                "shuffle_rows": self.shuffle_rows}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> WorkerInputs:
         return cls(ParamStats.from_dict(data["whitening"]), data["morphable_model"], data["morphable_source"],
-                   data["morphable_identity"])
+                   data["morphable_identity"], int(data["shuffle_rows"]))
 
 
 def loop_config(config: TrainConfig, inputs: WorkerInputs) -> dict[str, Any]:
@@ -188,10 +192,11 @@ def train_epoch(worker: Worker, epoch: int) -> EpochSums:
     generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
     worker.network.train()
     sums = np.zeros(4)  # loss, wpdc, wing, samples
-    for batch in ray.train.get_dataset_shard("train").iter_torch_batches(
-        batch_size=config.data.batch_size, local_shuffle_buffer_size=config.data.shuffle_buffer,
+    batches = ray.train.get_dataset_shard("train").iter_torch_batches(
+        batch_size=config.data.batch_size, local_shuffle_buffer_size=worker.inputs.shuffle_rows,
         local_shuffle_seed=config.seed * 1000 + epoch + worker.rank, device=device,
-    ):
+    )
+    for batch in itertools.islice(batches, config.data.max_batches):
         target = (batch["label"] - worker.label_mean) / worker.label_std
         with worker.autocast():
             prediction = worker.network(worker.network_input(batch["image"]))
@@ -209,10 +214,10 @@ def validate(worker: Worker) -> tuple[float, float]:
     """(sum of per-sample 2D NME in the crop, samples) over every worker's validation shard."""
     worker.network.eval()
     total, count = 0.0, 0
+    batches = ray.train.get_dataset_shard("val").iter_torch_batches(
+        batch_size=worker.config.data.eval_batch_size, device=worker.device)
     with torch.no_grad():
-        for batch in ray.train.get_dataset_shard("val").iter_torch_batches(
-            batch_size=worker.config.data.eval_batch_size, device=worker.device,
-        ):
+        for batch in itertools.islice(batches, worker.config.data.max_batches):
             with worker.autocast():
                 prediction = worker.network(normalise_input(batch["image"]))
             params = dewhiten(prediction.float().double(), worker.inputs.whitening)

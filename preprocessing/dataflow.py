@@ -70,6 +70,9 @@ class PreprocessConfig:
     jpeg_quality: int = 95
     val_fraction: float = 0.1  # of subjects
     seed: int = 0
+    # Deal the source files to the shards in a seeded random order (300W-LP lists a face's views
+    # one after another, subset by subset; shards of consecutive files would each hold a few faces).
+    shuffle_sources: bool = True
     sources_per_shard: int = 256  # source images a shard file and a Ray task (BENCHMARKS.md)
     batch_size: int = 16  # source images decoded together inside a shard task
     num_cpus_per_task: float = 1.0
@@ -319,8 +322,19 @@ class ShardProcessor:
 
 
 def shard_jobs(refs: list[SampleRef], root: str, output: str, per_shard: int, kind: str) -> list[ShardJob]:
+    """``refs`` cut into shards of ``per_shard`` sources, in the order given."""
     return [ShardJob(index=k, refs=refs[start:start + per_shard], root=root, output=output, kind=kind)
             for k, start in enumerate(range(0, len(refs), per_shard))]
+
+
+def dealt_sources(refs: list[SampleRef], config: PreprocessConfig) -> list[SampleRef]:
+    """The training sources in the order they are cut into shards: a permutation seeded by the
+    config when it shuffles sources, else as listed. The split stays by subject (a hash of the
+    id), so the order changes which shard a face lands in, never its split."""
+    if not config.shuffle_sources:
+        return list(refs)
+    order = np.random.default_rng([config.seed, len(refs)]).permutation(len(refs))
+    return [refs[k] for k in order]
 
 
 def combine_stats(partials: list[dict]) -> ParamStats:

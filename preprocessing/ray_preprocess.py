@@ -29,6 +29,7 @@ from preprocessing.dataflow import (
     ShardJob,
     ShardTask,
     combine_stats,
+    dealt_sources,
     finished_record,
     shard_jobs,
 )
@@ -142,7 +143,7 @@ def run_preprocess(
     model = load_face_model(config.morphable_model)  # once, here: the shard tasks get its arrays
     _prepare_output(filesystem, out_path, config, in_path, overwrite)
     _, refs = list_300w_lp(input_root)
-    jobs = shard_jobs(refs, in_path, out_path, config.sources_per_shard, "train")
+    jobs = shard_jobs(dealt_sources(refs, config), in_path, out_path, config.sources_per_shard, "train")
     eval_refs: list = []
     if aflw2000_root:
         _, eval_root = resolve(aflw2000_root)
