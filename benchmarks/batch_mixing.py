@@ -58,7 +58,8 @@ def ab_run(images: int, epochs: int, seeds: list[int]) -> list[dict]:
         root = Path(tmp)
         generate(SynthConfig("300w-lp", n=images, seed=0, views_per_face=16), root / "300W_LP",
                  workers=os.cpu_count() or 1)
-        arms = {"before": (False, {"shuffle_files": False, "shuffle_buffer": 2 * 64 * 2}), "after": (True, {})}
+        before = {"shuffle_files": False, "shuffle_buffer": 2 * 64 * 2}  # two shards' rows
+        arms = {"before": (False, before), "after": (True, {})}
         for arm, (dealt, overrides) in arms.items():
             shards = str(root / f"shards-{arm}")
             manifest = run_preprocess(str(root / "300W_LP"), shards, PreprocessConfig(
@@ -68,7 +69,8 @@ def ab_run(images: int, epochs: int, seeds: list[int]) -> list[dict]:
                 config = TrainConfig(
                     epochs=epochs, seed=seed, model=ModelConfig(width=0.5),
                     data=DataConfig(shards=shards, batch_size=32, **overrides),
-                    scaling=ScalingConfig(num_workers=2), run=RunConfig(name=f"ab-{arm}-{seed}", max_failures=0))
+                    scaling=ScalingConfig(num_workers=2),
+                    run=RunConfig(name=f"ab-{arm}-{seed}", max_failures=0))
                 figures = train(config, root / "runs")
                 rows.append({"arm": arm, "seed": seed, "val_nme": figures["best"]["val_nme"],
                              "faces_per_batch": mixing.faces_per_batch, "ideal_faces": mixing.ideal_faces,
@@ -98,7 +100,8 @@ def main() -> None:
         rows = ab_run(args.ab, args.ab_epochs, args.seeds)
         ray.shutdown()
         print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores; {2 * args.ab} rendered inputs, "
-              f"{rows[0]['train_rows']} training rows, {args.ab_epochs} epochs, width 0.5, 2 workers x batch 32")
+              f"{rows[0]['train_rows']} training rows, {args.ab_epochs} epochs, width 0.5, "
+              "2 workers x batch 32")
         print("| arm | faces per batch (ideal) | val NME per seed (%) | mean |\n|---|---|---|---|")
         for arm in ("before", "after"):
             mine = [row for row in rows if row["arm"] == arm]
@@ -145,7 +148,8 @@ def main() -> None:
     ray.shutdown()
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores; {2 * args.images} inputs "
           f"({counts}), batch {args.batch_size}")
-    print("| level | buffer (rows) | distinct faces per batch | ideal | of ideal | subsets per batch | ideal |")
+    print("| level | buffer (rows) | distinct faces per batch | ideal | of ideal | subsets per batch "
+          "| ideal |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['level']} | {row['shuffle_rows']} | {row['faces_per_batch']:.1f} | "

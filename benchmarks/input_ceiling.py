@@ -135,8 +135,8 @@ def main() -> None:
             for cpus in args.cpus:
                 results[cpus]["bare"].append(bare_loop(paths, manifest.image_format, cpus))
                 results[cpus]["ray"].append(ray_data(str(root / "shards"), cpus))
-                print(f"{cpus} CPUs: bare {results[cpus]['bare'][-1]:.0f}, Ray Data {results[cpus]['ray'][-1]:.0f} "
-                      "samples/s", flush=True)
+                print(f"{cpus} CPUs: bare {results[cpus]['bare'][-1]:.0f}, "
+                      f"Ray Data {results[cpus]['ray'][-1]:.0f} samples/s", flush=True)
         train_rows = manifest.counts["rows"]["train"]
     forward_backward = network_rate()
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores; {train_rows} training rows "
@@ -146,13 +146,14 @@ def main() -> None:
     table = []
     for cpus in args.cpus:
         bare, ray_rates = results[cpus]["bare"], results[cpus]["ray"]
-        ratios = [r / b for r, b in zip(ray_rates, bare)]
+        ratios = [r / b for r, b in zip(ray_rates, bare, strict=True)]
         row = {"cpus": cpus, "bare": statistics.median(bare), "ray": statistics.median(ray_rates),
                "ratio": statistics.median(ratios), "rounds": ratios}
         table.append(row)
         print(f"| {cpus} | {row['bare']:.0f} | {row['bare'] / cpus:.0f} | {row['ray']:.0f} | "
               f"{row['ray'] / cpus:.0f} | **{row['ratio']:.2f}** | {' '.join(f'{r:.2f}' for r in ratios)} |")
-    print(f"\nMobile-FRNet forward + backward + step, batch {BATCH}, one thread: {forward_backward:.0f} samples/s")
+    print(f"\nMobile-FRNet forward + backward + step, batch {BATCH}, one thread: "
+          f"{forward_backward:.0f} samples/s")
     write_json(args.json, {"train_rows": train_rows, "table": table, "network_cpu_rate": forward_backward})
 
 

@@ -131,9 +131,11 @@ def child(out: Path, stage: str, root: Path, steps: int) -> None:
 
         config = TrainConfig(epochs=1, data=DataConfig(shards=str(root / "shards"), batch_size=32,
                                                       eval_batch_size=32, max_batches=steps),
-                             scaling=ScalingConfig(num_workers=2), run=RunConfig(name="scale", max_failures=0))
+                             scaling=ScalingConfig(num_workers=2),
+                             run=RunConfig(name="scale", max_failures=0))
         result = train(config, root / "run")
-        figures = {"val_nme": result["best"]["val_nme"], "samples_per_second": result["best"]["samples_per_second"]}
+        best = result["best"]
+        figures = {"val_nme": best["val_nme"], "samples_per_second": best["samples_per_second"]}
     stop.set()
     sampler.join()
     figures["object_store_peak_mib"] = round(store["peak"] / 2**20, 1)

@@ -79,7 +79,8 @@ def test_dealt_sources_keep_the_split_by_subject(linked_shards):
         split_of = {}
         for split, names in manifest.splits.items():
             for name in names:
-                for subject in pq.read_table(f"{output}/{name}", columns=["subject_id"]).column(0).to_pylist():
+                subjects = pq.read_table(f"{output}/{name}", columns=["subject_id"]).column(0).to_pylist()
+                for subject in subjects:
                     assert split_of.setdefault(subject, split) == split, subject
         assert sum(manifest.counts["rows"].values()) == 2 * 1536
 
