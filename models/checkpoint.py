@@ -108,3 +108,15 @@ def load_bundle(path: Path) -> tuple[ModelBundle, dict[str, Any] | None]:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: not a model file (holds a {type(data).__name__}, not a dict)")
     return bundle_from_dict(data, str(path)), data.get("training")
+
+
+def recorded_arch(path: Path) -> tuple[str, float] | None:
+    """The (arch, width) a project model file records; None for any other weights file (a bare
+    state dict, a 3DDFA_V2 checkpoint), which does not say what network it is for."""
+    try:
+        data = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as err:
+        raise ValueError(f"{path}: not a readable torch file ({type(err).__name__})") from err
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        return None
+    return str(data["arch"]), float(data["width"])

@@ -80,8 +80,24 @@ def load_model(name: str, width: float = 1.0, checkpoint_path: Path | None = Non
     if name == "mobilenet-v1":
         return load_3ddfa_v2_checkpoint(checkpoint_path, width)
     model = build_model(name, width, num_params)
-    try:
-        model.load_state_dict(read_state_dict(checkpoint_path), strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"{checkpoint_path}: does not fit {name} (width {width}): {err}") from err
+    state = read_state_dict(checkpoint_path)
+    mismatch = state_dict_mismatch(model.state_dict(), state)
+    if mismatch:
+        raise ValueError(f"{checkpoint_path}: does not fit {name} (width {width}): {mismatch}")
+    model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def state_dict_mismatch(wanted: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
+    """One line on how ``given`` differs from a network's ``wanted`` weights; empty if it fits."""
+    missing = [key for key in wanted if key not in given]
+    unexpected = [key for key in given if key not in wanted]
+    shapes = [key for key in wanted if key in given and given[key].shape != wanted[key].shape]
+    parts = []
+    for what, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)):
+        if keys:
+            first = keys[0]
+            detail = (f" ({tuple(given[first].shape)} for {tuple(wanted[first].shape)})"
+                      if what == "of another shape" else "")
+            parts.append(f"{len(keys)} weights {what}, first {first}{detail}")
+    return "; ".join(parts)

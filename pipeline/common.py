@@ -18,12 +18,65 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
-def add_arch_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    """``--arch`` (a registered network) and ``--width`` (its width multiplier)."""
+EXIT_STATUS = ("Exit status: 0 done; 1 an input's content is bad (an image, annotation, dataset, shard "
+               "or model met while running) or a check failed; 2 the command cannot start as given (a "
+               "flag, a config key, a path that does not exist, an output in use).")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's help ends with its default, unless the help already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = all(action.default is not value for value in (None, False, argparse.SUPPRESS))
+        if action.option_strings and shown and "(default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def stage_parser(prog: str, doc: str | None, inputs_rule: bool = False) -> argparse.ArgumentParser:
+    """A stage's argument parser: its docstring's first paragraph, defaults shown, the exit
+    statuses (and, for stages that read input paths, where relative ones are looked up)."""
+    from pipeline.paths import RULE
+
+    epilog = f"{RULE}\n\n{EXIT_STATUS}" if inputs_rule else EXIT_STATUS
+    return argparse.ArgumentParser(prog=prog, description=(doc or "").split("\n\n")[0], epilog=epilog,
+                                   formatter_class=HelpFormatter)
+
+
+def add_arch_arguments(parser: argparse.ArgumentParser, from_file: bool = False) -> None:
+    """``--arch`` (a registered network) and ``--width`` (its width multiplier). With
+    ``from_file`` both may come from a model file instead (:func:`resolve_arch`)."""
     from models.registry import ARCHITECTURES
 
-    parser.add_argument("--arch", required=required, choices=list(ARCHITECTURES))
-    parser.add_argument("--width", type=float, default=1.0, help="width multiplier")
+    recorded = " (default: what the --checkpoint model file records; a flag must agree with it)"
+    parser.add_argument("--arch", required=not from_file, choices=list(ARCHITECTURES),
+                        help="the network" + (recorded if from_file else ""))
+    parser.add_argument("--width", type=float, default=None if from_file else 1.0,
+                        help="width multiplier" + (recorded if from_file else " (default: 1.0)"))
+
+
+def resolve_arch(arch: str | None, width: float | None, checkpoint: Path | None) -> tuple[str, float]:
+    """The network and width: a project model file's own record, which flags may only repeat;
+    for other weights (a state dict, a 3DDFA_V2 checkpoint) or none, ``--arch`` and ``--width``
+    (default 1.0). Raises ConfigError on a missing or disagreeing flag, ValueError on an unreadable
+    file."""
+    from models.checkpoint import recorded_arch
+    from pipeline.config import ConfigError
+
+    recorded = recorded_arch(checkpoint) if checkpoint is not None else None
+    if recorded is None:
+        if arch is None:
+            what = f"{checkpoint} records no network (not a model file of this project)" if checkpoint \
+                else "no --checkpoint model file to read it from"
+            raise ConfigError(f"--arch is needed: {what}")
+        return arch, 1.0 if width is None else width
+    file_arch, file_width = recorded
+    for flag, given, stored in (("--arch", arch, file_arch), ("--width", width, file_width)):
+        if given is not None and given != stored:
+            raise ConfigError(f"{flag} {given} disagrees with {checkpoint}, which records {file_arch} "
+                             f"width {file_width:g}: drop the flag (the file says what it holds)")
+    return file_arch, file_width
 
 
 def write_json(path: Path | None, figures: dict[str, Any]) -> None:

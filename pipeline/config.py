@@ -32,14 +32,6 @@ def load_config(path: Path, cls: type[T], overrides: dict[str, Any] | None = Non
     return from_dict(cls, data, source=str(path))
 
 
-def from_overrides(cls: type[T], overrides: dict[str, Any], source: str) -> T:
-    """Dataclass ``cls`` from its defaults and dotted-key ``overrides`` alone (no file)."""
-    data: dict[str, Any] = {}
-    for dotted, value in overrides.items():
-        set_dotted(data, dotted, value, source)
-    return from_dict(cls, data, source=source)
-
-
 def with_overrides(base: T, overrides: dict[str, Any], source: str) -> T:
     """A config dataclass ``base`` with dotted keys replaced, checked like a config file."""
     data = to_plain(base)

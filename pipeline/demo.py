@@ -30,7 +30,7 @@ import cv2
 
 from models.synthetic_face import build_synthetic_head
 from pipeline import evaluate, predict, preprocess, train, tune
-from pipeline.common import progress_logger, setup_logging, write_json
+from pipeline.common import progress_logger, setup_logging, stage_parser, write_json
 from pipeline.config import ConfigError, load_config
 from pipeline.ray_runtime import RayStartError, start_ray
 from pipeline.tracking import tracking_uri
@@ -55,7 +55,7 @@ class StageFailed(RuntimeError):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="frnet demo", description=__doc__.split("\n\n")[0])
+    parser = stage_parser("frnet demo", __doc__)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory")
     parser.add_argument("--overwrite", action="store_true", help="delete an earlier demo in --out first")
     parser.add_argument("--train-images", type=int, default=1200,
@@ -119,7 +119,7 @@ def render_data(args: argparse.Namespace, data_dir: Path, run_dir: Path) -> dict
 
 
 def frontal_images(folder: Path, count: int) -> list[Path]:
-    """The ``count`` test images closest to frontal (the OpenCV detector looks for frontal faces)."""
+    """The ``count`` test images closest to frontal."""
     filesystem, refs = list_aflw2000(folder)
     yaws = [(abs(canonical_angles(read_annotation(filesystem, ref).pose_para)[1]), ref.stem) for ref in refs]
     return [folder / f"{stem}.jpg" for _, stem in sorted(yaws)[:count]]
@@ -177,8 +177,11 @@ def run_demo(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
                          "--out", str(predictions), "--json", str(predictions / "summary.json")])
     stages.append({"stage": "predict", "exit": code})
     summary = json.loads((predictions / "summary.json").read_text())
-    if code != 0:  # the Haar detector misses some synthetic heads; the others are written
-        LOG.warning("predict: no face found by the OpenCV detector in %s", ", ".join(summary["no_face"]))
+    if code != 0:  # the detector missed a synthetic head; the others are written
+        LOG.warning("predict: no face found by the face detector in %s", ", ".join(summary["no_face"]))
+    for record in summary["images"]:
+        if record["flagged"]:
+            LOG.warning("predict: %s is flagged: %s", record["image"], "; ".join(record["flags"]))
     figures.update(
         champion=json.loads((evaluation / "champion.json").read_text())["aflw2000"],
         mean_face=json.loads((evaluation / "mean_face.json").read_text())["aflw2000"],

@@ -44,7 +44,7 @@ from models.face_models import load_face_model
 from models.params import ParamStats
 from models.predictor import FacePredictor, MeanFacePredictor
 from models.registry import ARCHITECTURES, load_model
-from pipeline.common import progress_logger, setup_logging, write_json
+from pipeline.common import progress_logger, setup_logging, stage_parser, write_json
 from pipeline.evaluation_pictures import format_table, overlay_sheet, plot_cumulative_errors, plot_yaw_bins
 from pipeline.scoring import FacePredictions, aflw2000_reports, predict_aflw2000, score_aflw
 from pipeline.tracking import bundle_from_model_uri
@@ -56,7 +56,7 @@ LOG = logging.getLogger("frnet.evaluate")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="frnet evaluate", description=__doc__.split("\n\n")[0])
+    parser = stage_parser("frnet evaluate", __doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", type=Path,
                         help="the project's model file, or with --arch a network checkpoint")
@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument("--out", type=Path, help="folder for the pictures (default: beside --json)")
-    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--json", type=Path, help="write the figures here (default: not written)")
     return parser.parse_args(argv)
 
 

@@ -1,12 +1,17 @@
 """Export a network, optionally with trained weights, to ONNX (dynamic batch axis).
 
-    frnet export --arch mobile-frnet --checkpoint runs/x/model.pt --onnx out/frnet.onnx
+    frnet export --checkpoint runs/demo/models/demo.pt --onnx out/frnet.onnx
     frnet export --arch mobilenet-v1 --width 0.5 --checkpoint mb05_120x120.pth --onnx mb05.onnx
+    frnet export --arch mobile-frnet --onnx fresh.onnx        # freshly initialised, for latency work
 
-``--checkpoint``: for ``mobilenet-v1`` a 3DDFA_V2 checkpoint or a state dict; for the others a
-state dict or ``{"model": state_dict}``; read with ``weights_only=True``. Without it the
-network is exported freshly initialised (for latency work). Figures: arch, width, params, MACs,
-FLOPs, opset, the ONNX file and its size.
+``--checkpoint``: a model file of this project (its network and width are read from it; flags
+may only repeat them), or weights that do not say what they are for, which need ``--arch`` (and
+``--width`` if not 1.0): for ``mobilenet-v1`` a 3DDFA_V2 checkpoint or a state dict, for the
+others a state dict or ``{"model": state_dict}``. Read with ``weights_only=True``. Figures: arch,
+width, params, MACs, FLOPs, opset, the ONNX file and its size.
+
+Exit status: 0; 2 when the command cannot start as given (a missing ``--arch``, a flag that
+disagrees with the model file, weights that cannot be read or do not fit the network).
 """
 
 from __future__ import annotations
@@ -19,19 +24,20 @@ from pathlib import Path
 from models.frame import CROP_SIZE
 from models.onnx_export import export_onnx
 from models.registry import count_complexity, load_model
-from pipeline.common import add_arch_arguments, setup_logging, write_json
+from pipeline.common import add_arch_arguments, resolve_arch, setup_logging, stage_parser, write_json
+from pipeline.paths import input_path
 
 LOG = logging.getLogger("frnet.export")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="frnet export", description=__doc__.split("\n\n")[0])
-    add_arch_arguments(parser)
+    parser = stage_parser("frnet export", __doc__, inputs_rule=True)
+    add_arch_arguments(parser, from_file=True)
     parser.add_argument("--checkpoint", type=Path, help="weights to export (see above)")
     parser.add_argument("--onnx", type=Path, required=True, help="output .onnx file")
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--input-size", type=int, default=CROP_SIZE, help="square input side")
-    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--json", type=Path, help="write the figures here (default: not written)")
     return parser.parse_args(argv)
 
 
@@ -39,8 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
     try:
+        if args.checkpoint is not None:
+            args.checkpoint = input_path(args.checkpoint, "--checkpoint")
+        args.arch, args.width = resolve_arch(args.arch, args.width, args.checkpoint)
         model = load_model(args.arch, args.width, args.checkpoint)
-    except ValueError as err:
+    except ValueError as err:  # a ConfigError too: the command cannot start as given
         LOG.error("%s", err)
         return 2
     complexity = count_complexity(model, args.input_size)

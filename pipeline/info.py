@@ -17,16 +17,16 @@ from pathlib import Path
 
 from models.frame import CROP_SIZE
 from models.registry import build_model, count_complexity
-from pipeline.common import add_arch_arguments, setup_logging, write_json
+from pipeline.common import add_arch_arguments, setup_logging, stage_parser, write_json
 
 LOG = logging.getLogger("frnet.info")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="frnet info", description=__doc__.split("\n\n")[0])
+    parser = stage_parser("frnet info", __doc__)
     add_arch_arguments(parser)
     parser.add_argument("--input-size", type=int, default=CROP_SIZE, help="square input side")
-    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--json", type=Path, help="write the figures here (default: not written)")
     return parser.parse_args(argv)
 
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import ray
 
 from pipeline.cluster_storage import check_shared, preprocessing_folders
-from pipeline.common import setup_logging, write_json
-from pipeline.config import ConfigError, from_dict, load_config, with_overrides
-from pipeline.paths import RULE, input_location, input_path, model_source
+from pipeline.common import setup_logging, stage_parser, write_json
+from pipeline.config import ConfigError, load_config, with_overrides
+from pipeline.paths import input_location, input_path, model_source
 from pipeline.ray_runtime import RayStartError, start_ray
 from preprocessing.dataflow import PreprocessConfig
 from preprocessing.datasets import resolve
@@ -35,17 +35,17 @@ LOG = logging.getLogger("frnet.preprocess")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="frnet preprocess", description=__doc__.split("\n\n")[0],
-                                     epilog=RULE)
+    parser = stage_parser("frnet preprocess", __doc__, inputs_rule=True)
     parser.add_argument("--input", required=True, help="300W-LP folder or URI")
     parser.add_argument("--output", required=True, help="shard folder or URI")
-    parser.add_argument("--config", type=Path, help="YAML with PreprocessConfig's keys")
+    parser.add_argument("--config", type=Path, default=Path("configs/preprocess.yaml"),
+                        help="YAML with PreprocessConfig's keys (default: configs/preprocess.yaml)")
     parser.add_argument("--aflw2000", help="AFLW2000-3D folder or URI: also write evaluation shards")
     parser.add_argument("--strict", action="store_true", help="fail on the first bad file")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace shards of another config or input in --output")
     parser.add_argument("--num-cpus", type=int, help="CPUs of a local Ray started here (default: all)")
-    parser.add_argument("--json", type=Path, help="write the run's figures here")
+    parser.add_argument("--json", type=Path, help="write the run's figures here (default: not written)")
     return parser.parse_args(argv)
 
 
@@ -53,8 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
     try:
-        config = load_config(input_path(args.config, "--config"), PreprocessConfig) if args.config else \
-            from_dict(PreprocessConfig, {}, source="defaults")
+        config = load_config(input_path(args.config, "--config"), PreprocessConfig)
         config = with_overrides(config, {"morphable_model": model_source(config.morphable_model,
                                                                           "morphable_model")}, "config")
         source = input_location(args.input, "--input")
@@ -70,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         check_shared(preprocessing_folders(source, args.output, aflw2000))
         manifest = run_preprocess(source, args.output, config, aflw2000_root=aflw2000,
                                   strict=args.strict, overwrite=args.overwrite)
-    except (DatasetError, OutputExistsError, FileNotFoundError, ValueError) as err:
+    except OutputExistsError as err:  # shards of another config or input: --overwrite
+        LOG.error("%s", err)
+        return 2
+    except (DatasetError, FileNotFoundError, ValueError) as err:
         LOG.error("%s", err)
         return 1
     except ray.exceptions.RayTaskError as err:  # --strict: the first bad file stops the run

@@ -25,9 +25,9 @@ from typing import Any
 from models.checkpoint import ModelBundle
 from models.face_models import load_face_model
 from models.registry import ARCHITECTURES, build_model, load_model
-from pipeline.common import progress_logger, setup_logging, write_json
+from pipeline.common import progress_logger, setup_logging, stage_parser, write_json
 from pipeline.evaluate import check_model_args, parse_param_stats, read_model_file
-from pipeline.paths import RULE, input_path, model_source
+from pipeline.paths import input_path, model_source
 from pipeline.registration import register_scored
 from pipeline.scoring import aflw2000_reports, predict_aflw2000
 from pipeline.tracking import active_run, log_params, log_served_model, open_store, set_tags
@@ -39,7 +39,7 @@ LOG = logging.getLogger("frnet.register")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="frnet register", description=__doc__.split("\n\n")[0], epilog=RULE)
+    parser = stage_parser("frnet register", __doc__, inputs_rule=True)
     parser.add_argument("--checkpoint", type=Path, required=True,
                         help="the project's model file, or with --arch a network checkpoint")
     parser.add_argument("--arch", choices=list(ARCHITECTURES), help="read --checkpoint as bare weights")
@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--protocol", type=Path, help="folder of 3DDFA's AFLW2000-3D arrays")
     parser.add_argument("--yaw-file", choices=("original", "new"), help="with --protocol: the yaw bins")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--json", type=Path, help="write the registration's figures here")
+    parser.add_argument("--json", type=Path, help="the registration's figures (default: not written)")
     return parser.parse_args(argv)
 
 

@@ -258,13 +258,13 @@ def prepare(args: SweepRequest) -> tuple[SweepContext, SearchSpace, SweepConfig,
     state_path = sweep_dir / "sweep.json"
     if args.resume:
         if not state_path.exists():
-            raise FileNotFoundError(f"{state_path}: no sweep named {sweep.name!r} to resume in {run_dir}")
+            raise ConfigError(f"{state_path}: no sweep named {sweep.name!r} to resume in {run_dir}")
         context = SweepContext(**json.loads(state_path.read_text()))
         base = from_dict(TrainConfig, context.base, source=str(state_path))
         sweep = from_dict(SweepConfig, context.sweep, source=str(state_path))
         return context, load_space(sweep_dir / "space.yaml", base), sweep, sweep_dir
     if state_path.exists():
-        raise ValueError(f"a sweep named {sweep.name!r} exists in {sweep_dir}: --resume continues it, "
+        raise ConfigError(f"a sweep named {sweep.name!r} exists in {sweep_dir}: --resume continues it, "
                          "--name starts another")
     base_overrides = {"data.shards": args.shards} if args.shards else {}
     base = base_train_config(args.config, sweep, base_overrides)

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.common import progress_logger, setup_logging, write_json
+from pipeline.common import progress_logger, setup_logging, stage_parser, write_json
 from pipeline.config import ConfigError, from_dict, load_config
 from preprocessing.synth import LAYOUTS, SynthConfig, generate
 
@@ -23,7 +23,7 @@ LOG = logging.getLogger("frnet.synth")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="frnet synth", description=__doc__.split("\n\n")[0])
+    parser = stage_parser("frnet synth", __doc__)
     parser.add_argument("--config", type=Path, help="YAML with SynthConfig's keys (configs/synth.yaml)")
     parser.add_argument("--layout", choices=LAYOUTS)
     parser.add_argument("--n", type=int,
@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--views", type=int, help="300W-LP: profile views per source face (default 4)")
     parser.add_argument("--no-flip", action="store_true", help="300W-LP: skip the _Flip folders")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes")
-    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--json", type=Path, help="write the figures here (default: not written)")
     return parser.parse_args(argv)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -31,6 +32,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from models import served
 from models.checkpoint import ModelBundle, bundle_to_dict, load_bundle
 from models.face_models import load_face_model
+from pipeline.config import ConfigError
 from preprocessing.synth import example_crop
 
 LOG = logging.getLogger("frnet.tracking")
@@ -181,13 +183,29 @@ def register(name: str, model_uri: str, run_id: str, figures: dict[str, float]) 
     return version, promoted
 
 
+def existing_store(uri: str | None) -> str:
+    """The store a look-up reads from: ``uri``, else ``MLFLOW_TRACKING_URI``; a ConfigError when
+    neither is given or a local store does not exist (MLflow would create an empty one, and
+    ``mlflow.db`` of the current folder is where it creates it when no URI is given)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        raise ConfigError("--tracking-uri is needed with --model-uri: the MLflow store the model is "
+                          "registered in (sqlite:///runs/demo/mlflow.db, http://HEAD:5000), or set "
+                          "MLFLOW_TRACKING_URI")
+    local = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else \
+        None if "://" in uri else uri.removeprefix("file:")
+    if local is not None and not Path(local).exists():
+        raise ConfigError(f"--tracking-uri {uri}: no MLflow store there ({Path(local).resolve()} does "
+                          "not exist); nothing was created")
+    return uri
+
+
 def bundle_from_model_uri(model_uri: str, tracking: str | None = None) -> ModelBundle:
     """The model file of a registered or logged model (``models:/NAME@ALIAS``, ``runs:/...``),
     with its morphable model read from the arrays logged beside it. Versions logged before the
     self-contained format (a pickled network with the model file under ``extra_files/``) still
     load: their morphable model is found by the source the file names."""
-    if tracking:
-        mlflow.set_tracking_uri(tracking)
+    mlflow.set_tracking_uri(existing_store(tracking))
     try:
         folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
     except mlflow.exceptions.MlflowException as err:

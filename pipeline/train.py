@@ -18,9 +18,9 @@ from pathlib import Path
 
 import ray
 
-from pipeline.common import setup_logging, write_json
-from pipeline.config import ConfigError, from_overrides, load_config, with_overrides
-from pipeline.paths import RULE, input_location, input_path
+from pipeline.common import setup_logging, stage_parser, write_json
+from pipeline.config import ConfigError, load_config, with_overrides
+from pipeline.paths import input_location, input_path
 from pipeline.ray_runtime import RayStartError, start_ray
 from pipeline.train_config import TrainConfig
 from pipeline.training import train
@@ -29,8 +29,9 @@ LOG = logging.getLogger("frnet.train")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="frnet train", description=__doc__.split("\n\n")[0], epilog=RULE)
-    parser.add_argument("--config", type=Path, help="YAML with TrainConfig's keys (configs/train.yaml)")
+    parser = stage_parser("frnet train", __doc__, inputs_rule=True)
+    parser.add_argument("--config", type=Path, default=Path("configs/train.yaml"),
+                        help="YAML with TrainConfig's keys (default: configs/train.yaml)")
     parser.add_argument("--shards", help="override data.shards: a `frnet preprocess` output")
     parser.add_argument("--storage", help="override run.storage_path: checkpoints (on a cluster of "
                         "several nodes, a folder every node mounts or s3://)")
@@ -41,7 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--run-dir", type=Path, default=Path("runs/default"),
                         help="where the Ray run, the MLflow store and the model file go")
     parser.add_argument("--num-cpus", type=int, help="CPUs of a local Ray started here (default: all)")
-    parser.add_argument("--json", type=Path, help="write the run's figures here")
+    parser.add_argument("--json", type=Path, help="write the run's figures here (default: not written)")
     return parser.parse_args(argv)
 
 
@@ -50,10 +51,7 @@ def load_train_config(args: argparse.Namespace) -> TrainConfig:
     flags = (("data.shards", args.shards), ("run.storage_path", args.storage), ("epochs", args.epochs),
              ("run.name", args.name))
     overrides = {key: value for key, value in flags if value is not None}
-    if args.config:
-        config = load_config(input_path(args.config, "--config"), TrainConfig, overrides)
-    else:
-        config = from_overrides(TrainConfig, overrides, source="command line")
+    config = load_config(input_path(args.config, "--config"), TrainConfig, overrides)
     shards = input_location(config.data.shards, "--shards" if args.shards else "data.shards")
     return with_overrides(config, {"data.shards": shards}, source="command line")
 

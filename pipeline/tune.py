@@ -19,9 +19,9 @@ from typing import Any
 
 import ray
 
-from pipeline.common import setup_logging, write_json
+from pipeline.common import setup_logging, stage_parser, write_json
 from pipeline.config import ConfigError
-from pipeline.paths import RULE, input_path
+from pipeline.paths import input_location, input_path
 from pipeline.ray_runtime import RayStartError, start_ray
 from pipeline.sweep import SweepInterrupted, SweepRequest, tune_sweep
 
@@ -29,8 +29,9 @@ LOG = logging.getLogger("frnet.tune")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="frnet tune", description=__doc__.split("\n\n")[0], epilog=RULE)
-    parser.add_argument("--config", type=Path, required=True, help="the sweep's YAML (configs/tune.yaml)")
+    parser = stage_parser("frnet tune", __doc__, inputs_rule=True)
+    parser.add_argument("--config", type=Path, default=Path("configs/tune.yaml"),
+                        help="the sweep's YAML (default: configs/tune.yaml)")
     parser.add_argument("--space", type=Path, help="the search space (tune_spaces/NAME.yaml); "
                         "with --resume, the sweep's own copy is used")
     parser.add_argument("--shards", help="override the base config's data.shards")
@@ -43,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--run-dir", type=Path, default=Path("runs/default"),
                         help="where the Ray results, the MLflow store and the model files go")
     parser.add_argument("--num-cpus", type=int, help="CPUs of a local Ray started here (default: all)")
-    parser.add_argument("--json", type=Path, help="write the sweep's figures here")
+    parser.add_argument("--json", type=Path, help="write the sweep's figures here (default: not written)")
     args = parser.parse_args(argv)
     if not args.resume and args.space is None:
         parser.error("--space is required (unless --resume)")
@@ -74,25 +75,25 @@ def _short(value: Any) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
-    try:
+    try:  # the paths the command line names, before Ray starts
+        request = SweepRequest(config=input_path(args.config, "--config"),
+                               space=None if args.space is None else input_path(args.space, "--space"),
+                               run_dir=args.run_dir, storage=args.storage, name=args.name,
+                               shards=args.shards and input_location(args.shards, "--shards"),
+                               epochs=args.epochs, num_samples=args.num_samples, resume=args.resume)
         start_ray(args.num_cpus, logging_level=logging.WARNING)
-    except RayStartError as err:
+    except (ConfigError, RayStartError) as err:
         LOG.error("%s", err)
         return 2
     ray.data.DataContext.get_current().enable_progress_bars = False
-    try:
-        request = SweepRequest(config=input_path(args.config, "--config"),
-                               space=None if args.space is None else input_path(args.space, "--space"),
-                               run_dir=args.run_dir, shards=args.shards, storage=args.storage, name=args.name,
-                               epochs=args.epochs, num_samples=args.num_samples, resume=args.resume)
-    except ConfigError as err:
-        LOG.error("%s", err)
-        return 2
     try:
         figures = tune_sweep(request)
     except SweepInterrupted as err:
         LOG.warning("%s", err)
         return 130
+    except ConfigError as err:  # a sweep name in use, or none to resume
+        LOG.error("%s", err)
+        return 2
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         LOG.error("%s", err)
         return 1

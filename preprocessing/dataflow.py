@@ -14,7 +14,6 @@ shard (as stored, float32); the driver merges them into the whitening statistics
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import logging
@@ -367,38 +366,31 @@ def write_json(filesystem: pafs.FileSystem, path: str, data: dict) -> None:
     write_bytes_atomic(filesystem, path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
-class ShardTask:
-    """The Ray Data callable: one batch holds shard indices; each is processed in full. The
-    morphable model comes from the driver (the object store), never from a path on this node."""
-
-    def __init__(self, jobs: dict[str, ShardJob], config: PreprocessConfig, strict: bool,
-                 model: MorphableModel | ray.ObjectRef) -> None:
-        # This actor process is one of the pool's workers: the pool is the parallelism, so
-        # OpenCV's own thread pool would only oversubscribe the cores Ray gave the actor.
-        cv2.setNumThreads(max(1, int(config.num_cpus_per_task)))
-        self.worker = f"{socket.gethostname()}:{os.getpid()}"  # in each shard's record
-        self.jobs = jobs
-        if isinstance(model, ray.ObjectRef):
-            model = ray.get(model)
-        self.processor = ShardProcessor(config, strict, model)
-        # What the actor holds by now (Ray, Ray Data, torch, the morphable model) lives as long as
-        # the actor: freezing it spares every full garbage collection a walk over it.
-        gc.freeze()
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
-        summaries = []
-        for key in batch["key"]:
-            job = self.jobs[str(key)]
-            started = time.time()
-            summary = self.processor(job)
-            summary["started_at"], summary["finished_at"] = started, time.time()
-            summary["worker"] = self.worker
-            record = {**summary, "config_digest": self.processor.config.digest(),
-                      "sources_digest": job.sources_digest()}
-            filesystem, _ = resolve(job.output)
-            write_json(filesystem, f"{job.output}/_shards/{job.key}.json", record)
-            summaries.append(json.dumps(record))
-        return {"summary": summaries}
+def process_shards(batch: dict[str, np.ndarray], jobs: dict[str, ShardJob], config: PreprocessConfig,
+                   strict: bool, model: list[ray.ObjectRef]) -> dict[str, list[str]]:
+    """The Ray Data task: ``batch`` holds shard keys; each shard is processed in full and its
+    completion record written. The morphable model comes from the driver through the object store
+    (``model`` holds its reference), never from a path on this node. A task, not an actor: Ray
+    Data keeps an actor pool's constructor arguments in the object store, which Ray reports as an
+    error for every restartable actor."""
+    # The tasks are the parallelism: OpenCV's own thread pool would only oversubscribe the cores
+    # Ray gave this one.
+    cv2.setNumThreads(max(1, int(config.num_cpus_per_task)))
+    processor = ShardProcessor(config, strict, ray.get(model[0]))
+    worker = f"{socket.gethostname()}:{os.getpid()}"  # in each shard's record
+    summaries = []
+    for key in batch["key"]:
+        job = jobs[str(key)]
+        started = time.time()
+        summary = processor(job)
+        summary["started_at"], summary["finished_at"] = started, time.time()
+        summary["worker"] = worker
+        record = {**summary, "config_digest": processor.config.digest(),
+                  "sources_digest": job.sources_digest()}
+        filesystem, _ = resolve(job.output)
+        write_json(filesystem, f"{job.output}/_shards/{job.key}.json", record)
+        summaries.append(json.dumps(record))
+    return {"summary": summaries}
 
 
 def finished_record(filesystem: pafs.FileSystem, job: ShardJob, config_digest: str) -> dict | None:

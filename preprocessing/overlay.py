@@ -16,6 +16,9 @@ LANDMARK_GROUPS = ((0, 17, False), (17, 22, False), (22, 27, False), (27, 31, Fa
                    (31, 36, False), (36, 42, True), (42, 48, True), (48, 60, True), (60, 68, True))
 LANDMARK_BGR = (0, 255, 0)
 BOX_BGR = (255, 128, 0)
+FLAGGED_BGR = (0, 0, 255)
+TRUTH_BGR = (255, 0, 255)
+FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
 def enlarge(image: np.ndarray, scale: int) -> np.ndarray:
@@ -64,3 +67,26 @@ def tile(images: list[np.ndarray], columns: int, gap: int = 4) -> np.ndarray:
         y, x = gap + r * (height + gap), gap + c * (width + gap)
         sheet[y:y + height, x:x + width] = image
     return sheet
+
+
+def caption(canvas: np.ndarray, lines: list[str], colour: tuple[int, int, int] = (0, 0, 0),
+            scale: float = 0.4) -> np.ndarray:
+    """``canvas`` with a white band above it holding ``lines``, each wrapped to the canvas width
+    (so the text stays inside the frame and covers nothing)."""
+    width = canvas.shape[1]
+    wrapped: list[str] = []
+    for line in lines:
+        words, current = line.split(), ""
+        for word in words:
+            trial = f"{current} {word}".strip()
+            if current and cv2.getTextSize(trial, FONT, scale, 1)[0][0] > width - 8:
+                wrapped.append(current)
+                current = word
+            else:
+                current = trial
+        wrapped.append(current)
+    step = int(cv2.getTextSize("Ag", FONT, scale, 1)[0][1] * 1.8) + 2
+    band = np.full((step * len(wrapped) + 4, width, 3), 255, np.uint8)
+    for row, text in enumerate(wrapped):
+        cv2.putText(band, text, (4, step * (row + 1)), FONT, scale, colour, 1, cv2.LINE_AA)
+    return np.concatenate([band, canvas], axis=0)

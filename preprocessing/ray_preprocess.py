@@ -27,10 +27,10 @@ from models.morphable import MorphableModel
 from preprocessing.dataflow import (
     PreprocessConfig,
     ShardJob,
-    ShardTask,
     combine_stats,
     dealt_sources,
     finished_record,
+    process_shards,
     shard_jobs,
 )
 from preprocessing.datasets import list_300w_lp, list_aflw2000, resolve
@@ -95,10 +95,11 @@ def _run_jobs(jobs: list[ShardJob], config: PreprocessConfig, strict: bool, file
         return records
     size = max(1, min(workers, len(pending)))
     dataset = ray.data.from_items([{"key": job.key} for job in pending], override_num_blocks=len(pending))
+    model_ref = ray.put(model)  # held here until every shard is done
     dataset = dataset.map_batches(
-        ShardTask, fn_constructor_args=({job.key: job for job in pending}, config, strict, ray.put(model)),
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=size), num_cpus=config.num_cpus_per_task,
+        process_shards, batch_size=1, concurrency=size, num_cpus=config.num_cpus_per_task,
+        fn_kwargs={"jobs": {job.key: job for job in pending}, "config": config, "strict": strict,
+                   "model": [model_ref]},
     )
     started = time.perf_counter()
     for done, row in enumerate(dataset.iter_rows(), start=1):

@@ -1,5 +1,6 @@
-"""`frnet predict` without a box: OpenCV's Haar detector on real faces, 3DDFA_V2's peer through it,
-an image without a face, and two faces with --all-faces. Called in-process."""
+"""`frnet predict` without a box: the MTCNN detector on real faces (OpenCV's Haar cascade, kept as
+the benchmark's baseline, too), 3DDFA_V2's peer through it, an image without a face, two faces
+with --all-faces, and a box planted on the background flagged. Called in-process."""
 
 import json
 from pathlib import Path
@@ -108,15 +109,15 @@ def test_peer_through_the_detector_is_near_its_benchmark_nme(peer_model_file, re
     out = tmp_path / "out"
     assert run_predict("--checkpoint", peer_model_file, real_face_path, "--out", out) == 0
     record = json.loads((out / "image00427.json").read_text())
-    assert record["box_source"] == "opencv-haar" and record["face"] == 0
+    assert record["box_source"] == "mtcnn" and record["face"] == 0 and not record["flagged"]
     # Measured 2.86 % (with the benchmark ROI box 2.73 %; over 0.5-1.5x zooms 2.86-3.09 %).
     assert nme(np.array(record["landmarks"]).T, real_face_truth) * 100 < 3.4
     assert (out / "image00427_overlay.png").stat().st_size > 1000
 
 
 def test_peer_through_the_detector_on_a_turned_real_face(peer_model_file, tmp_path):
-    """300W-LP's sample, yaw -44 deg: the unadjusted Haar box gives 3.1-4.1 %, so this checks the
-    adjustment. Truth: the 68 landmarks its parameters give through bfm68."""
+    """300W-LP's sample, yaw -44 deg: a raw detector box gives 2.0-4.1 %, so this checks the
+    calibration. Truth: the 68 landmarks its parameters give through bfm68."""
     image_path = shared_path("300w-lp-sample", "IBUG_image_008_1_0.jpg")
     annotation = read_mat(image_path.with_suffix(".mat"))
     truth = image_landmarks(MorphableModel.from_bfm68_dir(shared_path("bfm68")), annotation, 450)
@@ -160,3 +161,21 @@ def test_all_faces_writes_each_face_largest_first(peer_model_file, tmp_path):
         x = np.array(record["landmarks"])[:, 0]
         assert record["box"][0] < x.mean() < record["box"][2]
     assert (out / "two_face1_overlay.png").exists() and not (out / "two.json").exists()
+
+
+def test_a_box_on_the_background_is_flagged(peer_model_file, tmp_path):
+    """A planted false detection (a face-sized box on the background): the fit spans no face, so
+    the prediction is flagged in its JSON and on its overlay; the real face through the detector
+    is not."""
+    image_path = shared_path("300w-lp-sample", "IBUG_image_008_1_0.jpg")
+    out = tmp_path / "out"
+    assert run_predict("--checkpoint", peer_model_file, image_path, "--box", "5,5,125,125", "--out", out) == 0
+    record = json.loads((out / "IBUG_image_008_1_0.json").read_text())
+    assert record["flagged"] and record["box_source"] == "argument" and record["detector_score"] is None
+    assert record["face_probability_of_fit"] < 0.1
+    assert record["flags"][0].startswith("the fitted landmarks span no face")
+    flagged_overlay = cv2.imread(str(out / "IBUG_image_008_1_0_overlay.png"))
+    assert flagged_overlay.shape[0] > 450  # the caption band above the picture
+    assert run_predict("--checkpoint", peer_model_file, image_path, "--out", out) == 0
+    record = json.loads((out / "IBUG_image_008_1_0.json").read_text())
+    assert not record["flagged"] and record["detector_score"] > 0.9 and record["points_error"] < 0.15

@@ -161,4 +161,4 @@ def test_the_best_trial_is_registered_and_loads_by_alias(sweep):
 def test_a_second_sweep_of_the_same_name_is_refused(sweep, sweep_files, caplog):
     code = tune_stage.main(["--config", str(sweep_files / "tune.yaml"), "--run-dir", str(sweep["run_dir"]),
                             "--space", str(sweep_files / "space.yaml")])
-    assert code == 1 and "--resume continues it" in caplog.text
+    assert code == 2 and "--resume continues it" in caplog.text

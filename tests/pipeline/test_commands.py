@@ -1,0 +1,111 @@
+"""What every stage's command line promises: defaults named in --help, one exit-status rule
+(2: cannot start as given; 1: bad input content), paths checked before Ray starts, and nothing
+written by a look-up that fails. Called in-process: each refusal returns before any work."""
+
+import argparse
+import importlib
+
+import cv2
+import numpy as np
+import pytest
+import ray
+
+from pipeline import predict, preprocess, train, tune
+from pipeline.cli import STAGES
+from pipeline.common import EXIT_STATUS
+
+# Options that name where a stage writes; each either is required or says its default.
+OUTPUT_OPTIONS = {"--out", "--output", "--run-dir", "--json", "--onnx"}
+
+
+def stage_parser_of(stage: str, monkeypatch) -> argparse.ArgumentParser:
+    """The parser a stage builds, caught at the moment it would parse."""
+    caught = {}
+
+    def catch(self, args=None, namespace=None):
+        caught["parser"] = self
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", catch)
+    with pytest.raises(SystemExit):
+        importlib.import_module(f"pipeline.{stage}").parse_args([])
+    return caught["parser"]
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_help_names_every_default_output_and_the_exit_statuses(stage, monkeypatch):
+    parser = stage_parser_of(stage, monkeypatch)
+    text = parser.format_help()
+    assert " ".join(EXIT_STATUS.split()) in " ".join(text.split())
+    for action in parser._actions:
+        for option in set(action.option_strings) & OUTPUT_OPTIONS:
+            help_text = parser._get_formatter()._get_help_string(action) % {"default": action.default}
+            assert action.required or "(default: " in help_text, \
+                f"frnet {stage} {option}: --help does not say where it writes by default ({help_text!r})"
+
+
+def error_lines(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "images" / "face.png"
+    path.parent.mkdir()
+    cv2.imwrite(str(path), np.full((64, 64, 3), 90, np.uint8))
+    return path
+
+
+def test_predict_without_a_store_writes_nothing(image, tmp_path, monkeypatch, caplog):
+    """No --tracking-uri (and no MLFLOW_TRACKING_URI): refused, no ./mlflow.db; a sqlite store
+    that does not exist: refused, not created. Exit 2, nothing under --out either."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "predictions"
+    assert predict.main(["--model-uri", "models:/mobile-frnet@champion", str(image), "--out", str(out)]) == 2
+    missing = tmp_path / "elsewhere" / "mlflow.db"
+    assert predict.main(["--model-uri", "models:/mobile-frnet@champion", "--tracking-uri",
+                         f"sqlite:///{missing}", str(image), "--out", str(out)]) == 2
+    first, second = error_lines(caplog)
+    assert first.startswith("--tracking-uri is needed with --model-uri")
+    assert second == (f"--tracking-uri sqlite:///{missing}: no MLflow store there ({missing} does not "
+                      "exist); nothing was created")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+
+
+def test_predict_refuses_a_missing_image_or_model_file_before_any_work(image, tmp_path, caplog):
+    out = tmp_path / "out"
+    assert predict.main(["--checkpoint", str(tmp_path / "none.pt"), str(image), "--out", str(out)]) == 2
+    assert predict.main(["--checkpoint", str(image), str(tmp_path / "nothere.jpg"), "--out", str(out)]) == 2
+    assert predict.main(["--checkpoint", str(image), str(image), "--out", str(out)]) == 2  # not a model
+    first, second, third = error_lines(caplog)
+    assert first.startswith("--checkpoint ") and "none.pt: not found" in first
+    assert second.startswith("image ") and "nothere.jpg: not found" in second
+    assert third.startswith(f"{image}: not a model file")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("stage", [train, tune, preprocess], ids=["train", "tune", "preprocess"])
+def test_train_tune_and_preprocess_refuse_missing_paths_alike(stage, tmp_path, monkeypatch, caplog):
+    """A config file or data folder that does not exist: exit 2, one line naming the flag and
+    both places looked in, before Ray starts; the config flag has the same default rule."""
+    monkeypatch.chdir(tmp_path)
+    ray_before = ray.is_initialized()
+    name = stage.__name__.rsplit(".", 1)[-1]
+    data = ["--input", "no-such-input", "--output", "out"] if stage is preprocess else \
+        ["--shards", "no-such-shards"] + (["--space", "tune_spaces/small.yaml"] if stage is tune else [])
+    assert stage.main(["--config", "no-such.yaml", *data]) == 2
+    assert stage.main(data) == 2  # the default configs/STAGE.yaml of the checkout is found
+    config_error, data_error = error_lines(caplog)
+    assert config_error.startswith("--config no-such.yaml: not found (tried ")
+    flag = "--input no-such-input" if stage is preprocess else "--shards no-such-shards"
+    assert data_error.startswith(f"{flag}: not found (tried {tmp_path}")
+    assert stage_parser_of_default(stage, monkeypatch) == f"configs/{name}.yaml"
+    assert ray.is_initialized() == ray_before
+    assert list(tmp_path.iterdir()) == []
+
+
+def stage_parser_of_default(stage, monkeypatch) -> str:
+    parser = stage_parser_of(stage.__name__.rsplit(".", 1)[-1], monkeypatch)
+    (config,) = [action for action in parser._actions if "--config" in action.option_strings]
+    return str(config.default)
