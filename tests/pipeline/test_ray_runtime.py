@@ -37,6 +37,7 @@ def test_num_cpus_against_a_running_cluster_is_one_line(tmp_path, stage):
     line naming the cluster, exit 2, without connecting."""
     (tmp_path / "tune.yaml").write_text("train_config: train.yaml\n")
     (tmp_path / "train.yaml").write_text(f"epochs: 1\ndata:\n  shards: {tmp_path}\n")
+    (tmp_path / "s.yaml").write_text("space: {loss.omega: {distribution: uniform, low: 1, high: 2}}\n")
     arguments = {"preprocess": ["--input", str(tmp_path), "--output", str(tmp_path / "out")],
                  "train": ["--config", str(tmp_path / "train.yaml")],
                  "tune": ["--config", str(tmp_path / "tune.yaml"), "--space", str(tmp_path / "s.yaml")],
