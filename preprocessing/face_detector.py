@@ -45,6 +45,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.frame import INPUT_MEAN, INPUT_SCALE
+
 MIN_FACE_SIZE = 40
 THRESHOLDS = (0.6, 0.7, 0.7)  # P-Net, R-Net, O-Net face probability: MTCNN's published values
 SCALE_FACTOR = 0.709  # between pyramid levels, the package's and the paper's
@@ -324,4 +326,5 @@ def _normalised(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected a BGR uint8 image (H, W, 3), got {image.dtype} {image.shape}")
-    return (cv2.cvtColor(image, cv2.COLOR_BGR2RGB).astype(np.float32) - 127.5) / 128.0
+    # MTCNN was trained with the normalisation the network's crops use.
+    return (cv2.cvtColor(image, cv2.COLOR_BGR2RGB).astype(np.float32) - INPUT_MEAN) / INPUT_SCALE
