@@ -19,7 +19,7 @@ from preprocessing import detection
 from preprocessing.annotations import parse_mat
 from preprocessing.detection import HaarFaceDetector, haar_to_detector_boxes, largest_first
 from preprocessing.labels import image_landmarks
-from tests.conftest import real_face_image, shared_path
+from tests.conftest import box_iou, real_face_image, shared_path
 
 
 def read_mat(path: Path):
@@ -54,12 +54,6 @@ def peer_model_file(tmp_path_factory) -> Path:
     save_bundle(path, bundle)
     return path
 
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> float:
-    width = min(a[2], b[2]) - max(a[0], b[0])
-    height = min(a[3], b[3]) - max(a[1], b[1])
-    inter = max(width, 0.0) * max(height, 0.0)
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
 def wanted_detector_box(landmarks: np.ndarray) -> np.ndarray:

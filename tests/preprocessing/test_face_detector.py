@@ -10,11 +10,12 @@ import torch
 
 from models.frame import detector_crop_box, landmark_crop_box
 from models.morphable import MorphableModel
+from pipeline.predict import five_points
 from preprocessing import face_detector
 from preprocessing.annotations import parse_mat
 from preprocessing.face_detector import MtcnnFaceDetector, mtcnn_to_detector_boxes
 from preprocessing.labels import image_landmarks
-from tests.conftest import real_face_image, shared_path
+from tests.conftest import box_iou, real_face_image, shared_path
 
 
 @pytest.fixture(scope="module")
@@ -33,17 +34,6 @@ def pattern(height: int, width: int) -> torch.Tensor:
     return torch.from_numpy(image.transpose(2, 0, 1).copy())[None]
 
 
-def five_points(landmarks: np.ndarray) -> np.ndarray:
-    """MTCNN's five points from 68 landmarks (2+, 68): eye centres, nose tip, mouth corners."""
-    points = landmarks[:2].T
-    return np.array([points[36:42].mean(0), points[42:48].mean(0), points[30], points[48], points[54]])
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> float:
-    width = min(a[2], b[2]) - max(a[0], b[0])
-    height = min(a[3], b[3]) - max(a[1], b[1])
-    inter = max(width, 0.0) * max(height, 0.0)
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
 @torch.no_grad()
