@@ -223,8 +223,15 @@ def test_a_killed_worker_is_replaced_and_no_finished_epoch_is_lost(shards, tmp_p
         time.sleep(0.1)
     done_before_kill = max(registered_epochs(), default=0)
     assert 1 <= done_before_kill < 4, "the kill must land mid-run, after a registered checkpoint"
+    def command_line(child: psutil.Process) -> str:
+        """A child's command line, or "" for one that exited (Ray's short-lived helpers do)."""
+        try:
+            return " ".join(child.cmdline())
+        except (psutil.ZombieProcess, psutil.NoSuchProcess, psutil.AccessDenied):
+            return ""
+
     workers = [p for p in psutil.Process(process.pid).children(recursive=True)
-               if "RayTrainWorker" in " ".join(p.cmdline())]
+               if "RayTrainWorker" in command_line(p)]
     assert workers, "no Ray Train worker process found"
     workers[-1].send_signal(signal.SIGKILL)
     output, _ = process.communicate(timeout=420)
