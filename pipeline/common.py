@@ -12,10 +12,15 @@ from typing import Any
 
 
 def setup_logging(verbose: bool = False) -> None:
+    """The project's log lines on the console, and the libraries' as :mod:`pipeline.console`
+    sets them (``verbose``: all of them)."""
+    from pipeline.console import setup_console
+
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
     )
+    setup_console(verbose)
 
 
 EXIT_STATUS = ("Exit status: 0 done; 1 an input's content is bad (an image, annotation, dataset, shard "
@@ -40,8 +45,11 @@ def stage_parser(prog: str, doc: str | None, inputs_rule: bool = False) -> argpa
     from pipeline.paths import RULE
 
     epilog = f"{RULE}\n\n{EXIT_STATUS}" if inputs_rule else EXIT_STATUS
-    return argparse.ArgumentParser(prog=prog, description=(doc or "").split("\n\n")[0], epilog=epilog,
-                                   formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=(doc or "").split("\n\n")[0], epilog=epilog,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--verbose", action="store_true",
+                        help="also print what Ray, torch and MLflow log (default: the project's lines only)")
+    return parser
 
 
 def add_arch_arguments(parser: argparse.ArgumentParser, from_file: bool = False) -> None:
@@ -101,6 +109,17 @@ def progress_logger(
             last[0] = now
             rate = done / max(now - started, 1e-9)
             eta = (total - done) / rate if rate > 0 else float("inf")
-            logger.info("%s: %d/%d (%.1f/s, %.0f s left)", what, done, total, rate, eta)
+            logger.info("%s: %d/%d (%.1f/s, %s left)", what, done, total, rate, duration(eta))
 
     return report
+
+
+def duration(seconds: float) -> str:
+    """``42 s``, ``7 min``, ``2.5 h``: a time left, as precise as it is worth."""
+    if not seconds < float("inf"):
+        return "unknown time"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -3,11 +3,16 @@
     make demo            # or: frnet demo --out runs/demo [--no-tune]
 
 Renders a synthetic 300W-LP training folder and a synthetic AFLW2000-3D test folder (the real
-layouts; the label round trip is checked), preprocesses with Ray Data into shards, trains
-Mobile-FRNet with Ray Train (two workers), runs a short Ray Tune sweep, evaluates the champion on
-the test folder next to the mean-face baseline, pulls the champion back from the MLflow registry
-by alias and predicts on a few test images. Every stage is the one users run (``frnet STAGE``),
-called with the demo's configs (``configs/demo/``); everything goes under ``--out``.
+layouts; the label round trip is checked) and preprocesses them with Ray Data into shards. A short
+Ray Tune sweep (two-epoch trials, ASHA) then picks the loss weights, and Ray Train trains the best
+trial's config for the full budget (two workers); that model is evaluated on the test folder and
+registered. The champion is evaluated next to the mean-face baseline, pulled back from the MLflow
+registry by alias, and shown on the most frontal test images through the face detector, each
+prediction over its ground truth (``showcase/showcase.png``). Every stage is the one users run
+(``frnet STAGE``), called with the demo's configs (``configs/demo/``); everything goes under ``--out``.
+
+Exit status 1 when a stage fails, a showcase prediction is flagged or finds no face, or the
+champion does not beat the mean face by ``--min-improvement``; 2 when it cannot start as given.
 
 The figures are on synthetic faces: they show the pipeline works and learns, not how the model
 does on real photographs.
@@ -27,17 +32,33 @@ from pathlib import Path
 from typing import Any
 
 import cv2
+import numpy as np
 
+from models.checkpoint import ModelBundle
+from models.frame import nme
 from models.synthetic_face import build_synthetic_head
-from pipeline import evaluate, predict, preprocess, train, tune
+from pipeline import evaluate, preprocess, train, tune
 from pipeline.common import progress_logger, setup_logging, stage_parser, write_json
 from pipeline.config import ConfigError, load_config
+from pipeline.console import is_verbose, run_main
+from pipeline.predict import predict_images, read_image
 from pipeline.ray_runtime import RayStartError, start_ray
-from pipeline.tracking import tracking_uri
+from pipeline.tracking import bundle_from_model_uri, tracking_uri
 from pipeline.train_config import TrainConfig
 from preprocessing.datasets import list_aflw2000, read_annotation
 from preprocessing.labels import canonical_angles
-from preprocessing.overlay import draw_landmarks, enlarge, tile
+from preprocessing.overlay import (
+    BOX_BGR,
+    FLAGGED_BGR,
+    LANDMARK_BGR,
+    TRUTH_BGR,
+    caption,
+    draw_box,
+    draw_landmarks,
+    enlarge,
+    legend,
+    tile,
+)
 from preprocessing.synth import SynthConfig, generate
 from preprocessing.verify import label_round_trip
 
@@ -46,6 +67,7 @@ REPO = Path(__file__).resolve().parents[1]
 # A round trip through float32 .mat fields and back must stay this close (pixels).
 ROUND_TRIP_TOLERANCE_PX = 1e-4
 PREDICTED_IMAGES = 4
+SHOWCASE_COLUMNS = 2
 # The synthetic-crop sheet enlarges each crop so that the landmarks can be told apart.
 SHEET_SCALE = 3
 
@@ -63,7 +85,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--views", type=int, default=4, help="300W-LP profile views per synthetic face")
     parser.add_argument("--test-images", type=int, default=300, help="synthetic AFLW2000-3D images")
     parser.add_argument("--epochs", type=int, help="override the demo training config's epochs")
-    parser.add_argument("--no-tune", action="store_true", help="skip the Ray Tune sweep")
+    parser.add_argument("--no-tune", action="store_true",
+                        help="skip the Ray Tune sweep and train the demo's own config")
     parser.add_argument("--tune-epochs", type=int, help="override the sweep's epochs per trial")
     parser.add_argument("--configs", type=Path, default=REPO / "configs" / "demo",
                         help="folder with the demo's preprocess.yaml, train.yaml and tune.yaml")
@@ -79,6 +102,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run_stage(name: str, stage: Callable[[list[str]], int], arguments: list[str], log: list[dict]) -> None:
     """Run one ``frnet STAGE`` in this process; a non-zero exit stops the demo."""
+    arguments = [*arguments, "--verbose"] if is_verbose() else arguments
     LOG.info("== %s: frnet %s %s", name, stage.__module__.rsplit(".", 1)[-1], " ".join(arguments))
     started = time.perf_counter()
     code = stage(arguments)
@@ -118,11 +142,54 @@ def render_data(args: argparse.Namespace, data_dir: Path, run_dir: Path) -> dict
     return figures
 
 
-def frontal_images(folder: Path, count: int) -> list[Path]:
-    """The ``count`` test images closest to frontal."""
+def frontal_stems(folder: Path, count: int) -> list[str]:
+    """The ``count`` test images closest to frontal (by their annotated yaw)."""
     filesystem, refs = list_aflw2000(folder)
     yaws = [(abs(canonical_angles(read_annotation(filesystem, ref).pose_para)[1]), ref.stem) for ref in refs]
-    return [folder / f"{stem}.jpg" for _, stem in sorted(yaws)[:count]]
+    return [stem for _, stem in sorted(yaws)[:count]]
+
+
+def showcase(bundle: ModelBundle, folder: Path, stems: list[str], out: Path) -> dict[str, Any]:
+    """Predict AFLW2000-3D-layout images as ``frnet predict`` does (the face detector, the fit
+    checks; its files under ``out``) and draw each prediction over its ground truth on one sheet,
+    ``out/showcase.png``. ``failures`` lists every flagged prediction and image without a face."""
+    images = [folder / f"{stem}.jpg" for stem in stems]
+    records, _ = predict_images(bundle, images, out)
+    filesystem, refs = list_aflw2000(folder)
+    truths = {ref.stem: read_annotation(filesystem, ref).pt3d_68 for ref in refs if ref.stem in stems}
+    predicted = {Path(record["image"]).stem: record for record in records}
+    panels, failures, faces = [], [], []
+    for stem, path in zip(stems, images, strict=True):
+        canvas = draw_landmarks(read_image(path), truths[stem][:2], TRUTH_BGR)
+        record = predicted.get(stem)
+        if record is None:
+            failures.append(f"{stem}: no face found by the face detector")
+            panels.append(caption(canvas, [failures[-1]], FLAGGED_BGR))
+            continue
+        landmarks = np.array(record["landmarks"]).T
+        error = float(nme(landmarks, truths[stem]))
+        faces.append({"stem": stem, "nme": error, "flagged": record["flagged"], "flags": record["flags"],
+                      "detector_score": record["detector_score"]})
+        canvas = draw_landmarks(draw_box(canvas, np.array(record["box"])), landmarks[:2], LANDMARK_BGR)
+        lines = [f"{stem}: NME {100 * error:.2f}%, yaw {record['pose_degrees']['yaw']:.0f} deg, "
+                 f"detector score {record['detector_score']:.2f}"]
+        if record["flagged"]:
+            failures.append(f"{stem}: flagged: {'; '.join(record['flags'])}")
+            lines.append("FLAGGED: " + "; ".join(record["flags"]))
+        panels.append(caption(canvas, lines, FLAGGED_BGR if record["flagged"] else (0, 0, 0)))
+    height = max(panel.shape[0] for panel in panels)
+    panels = [np.pad(panel, ((0, height - panel.shape[0]), (0, 0), (0, 0)), constant_values=255)
+              for panel in panels]
+    sheet = legend(tile(panels, columns=min(SHOWCASE_COLUMNS, len(panels))),
+                   [("ground truth", TRUTH_BGR), ("prediction", LANDMARK_BGR), ("detector box", BOX_BGR),
+                    ("flagged (caption)", FLAGGED_BGR)])
+    sheet = caption(sheet, [f"The {len(stems)} most frontal synthetic test faces through the face detector "
+                            "and the registered model; NME against the ground truth"])
+    path = out / "showcase.png"
+    cv2.imwrite(str(path), sheet)
+    for failure in failures:
+        LOG.error("showcase: %s", failure)
+    return {"sheet": str(path), "faces": faces, "failures": failures}
 
 
 def bin_table(champion: dict[str, Any], baseline: dict[str, Any]) -> str:
@@ -152,11 +219,7 @@ def run_demo(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         "--input", str(data_dir / "300W_LP"), "--output", str(shards), "--aflw2000", str(test_dir),
         "--config", str(args.configs / "preprocess.yaml"), "--json", str(run_dir / "preprocess.json"),
     ], stages)
-    train_arguments = ["--config", str(args.configs / "train.yaml"), "--shards", str(shards),
-                       "--run-dir", str(run_dir), "--json", str(run_dir / "train.json")]
-    if args.epochs is not None:
-        train_arguments += ["--epochs", str(args.epochs)]
-    run_stage("train", train.main, train_arguments, stages)
+    train_config = args.configs / "train.yaml"
     if not args.no_tune:
         tune_arguments = ["--config", str(args.configs / "tune.yaml"), "--space", str(args.space),
                           "--shards", str(shards), "--run-dir", str(run_dir),
@@ -164,6 +227,12 @@ def run_demo(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         if args.tune_epochs is not None:
             tune_arguments += ["--epochs", str(args.tune_epochs)]
         run_stage("tune", tune.main, tune_arguments, stages)
+        train_config = Path(json.loads((run_dir / "tune.json").read_text())["best_config"])
+    train_arguments = ["--config", str(train_config), "--shards", str(shards),
+                       "--run-dir", str(run_dir), "--json", str(run_dir / "train.json")]
+    if args.epochs is not None:
+        train_arguments += ["--epochs", str(args.epochs)]
+    run_stage("train", train.main, train_arguments, stages)
     model_name = load_config(args.configs / "train.yaml", TrainConfig).mlflow.registered_model
     champion_uri = f"models:/{model_name}@champion"
     evaluation = run_dir / "evaluation"
@@ -171,21 +240,15 @@ def run_demo(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         run_stage(f"evaluate ({name.replace('_', ' ')})", evaluate.main, [
             "--model-uri", champion_uri, "--tracking-uri", tracking, "--aflw2000", str(test_dir), *extra,
             "--json", str(evaluation / f"{name}.json"), "--out", str(evaluation / name)], stages)
-    images = frontal_images(test_dir, PREDICTED_IMAGES)
-    predictions = run_dir / "predictions"
-    code = predict.main(["--model-uri", champion_uri, "--tracking-uri", tracking, *map(str, images),
-                         "--out", str(predictions), "--json", str(predictions / "summary.json")])
-    stages.append({"stage": "predict", "exit": code})
-    summary = json.loads((predictions / "summary.json").read_text())
-    if code != 0:  # the detector missed a synthetic head; the others are written
-        LOG.warning("predict: no face found by the face detector in %s", ", ".join(summary["no_face"]))
-    for record in summary["images"]:
-        if record["flagged"]:
-            LOG.warning("predict: %s is flagged: %s", record["image"], "; ".join(record["flags"]))
+    started_showcase = time.perf_counter()
+    figures["showcase"] = showcase(bundle_from_model_uri(champion_uri, tracking), test_dir,
+                                   frontal_stems(test_dir, PREDICTED_IMAGES), run_dir / "showcase")
+    stages.append({"stage": "showcase", "seconds": round(time.perf_counter() - started_showcase, 1),
+                   "exit": 1 if figures["showcase"]["failures"] else 0})
     figures.update(
         champion=json.loads((evaluation / "champion.json").read_text())["aflw2000"],
         mean_face=json.loads((evaluation / "mean_face.json").read_text())["aflw2000"],
-        predictions=summary, tracking_uri=tracking, seconds=round(time.perf_counter() - started, 1))
+        tracking_uri=tracking, seconds=round(time.perf_counter() - started, 1))
     return figures
 
 
@@ -199,7 +262,6 @@ def print_summary(figures: dict[str, Any], run_dir: Path, min_improvement: float
     verdict = "" if min_improvement <= 0 else (" (goal: at least "
                                                f"{min_improvement:g}x: {'met' if passed else 'NOT met'})")
     print(f"The champion's NME is {ratio:.1f}x lower than the mean face's{verdict}.")
-    written = len(figures["predictions"]["images"])
     print(f"\nDemo finished in {figures['seconds'] / 60:.1f} min; everything is under {run_dir}")
     print(f"  MLflow runs and registry:  mlflow ui --backend-store-uri {figures['tracking_uri']}"
           "   (then open http://127.0.0.1:5000)")
@@ -207,14 +269,14 @@ def print_summary(figures: dict[str, Any], run_dir: Path, min_improvement: float
           "(cumulative_errors.png, nme_by_yaw.png, landmark_overlays.png)")
     if (run_dir / "tune").exists():
         print(f"  sweep table and plots:     {next((run_dir / 'tune').iterdir())}")
-    print(f"  predictions ({written} faces):  {run_dir / 'predictions'}  (*_overlay.png, *.json, *.obj)")
+    print(f"  showcase (prediction over ground truth): {figures['showcase']['sheet']}")
     print(f"  labelled training crops:   {figures['data']['synthetic_crops']}")
     return passed
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging()
+    setup_logging(args.verbose)
     run_dir = args.out.resolve()
     if run_dir.exists() and any(run_dir.iterdir()):
         if not args.overwrite:
@@ -230,8 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     passed = print_summary(figures, run_dir, args.min_improvement)
     figures["learning_check"] = {"min_improvement": args.min_improvement, "passed": passed}
     write_json(run_dir / "demo.json", figures)
-    return 0 if passed else 3
+    failures = figures["showcase"]["failures"]
+    if failures:
+        print(f"The showcase has {len(failures)} failed prediction(s): {'; '.join(failures)}")
+    return 0 if passed and not failures else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -45,6 +45,7 @@ from models.params import ParamStats
 from models.predictor import FacePredictor, MeanFacePredictor
 from models.registry import ARCHITECTURES, load_model
 from pipeline.common import progress_logger, setup_logging, stage_parser, write_json
+from pipeline.console import run_main
 from pipeline.evaluation_pictures import format_table, overlay_sheet, plot_cumulative_errors, plot_yaw_bins
 from pipeline.scoring import FacePredictions, aflw2000_reports, predict_aflw2000, score_aflw
 from pipeline.tracking import bundle_from_model_uri
@@ -222,7 +223,7 @@ def write_pictures(inputs: Inputs, predictions: FacePredictions | None,
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging()
+    setup_logging(args.verbose)
     try:
         inputs = open_inputs(args)
     except (ValueError, FileNotFoundError) as err:
@@ -272,5 +273,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))
 

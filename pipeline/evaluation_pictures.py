@@ -14,12 +14,10 @@ from models.evaluation import YAW_BIN_LABELS
 from models.frame import crop_image, image_to_crop
 from pipeline.scoring import FacePredictions
 from preprocessing.datasets import SampleRef, read_image
-from preprocessing.overlay import draw_landmarks, enlarge, tile
+from preprocessing.overlay import LANDMARK_BGR, TRUTH_BGR, caption, draw_landmarks, enlarge, legend, tile
 
 OVERLAY_PER_ROW = 3
 OVERLAY_SCALE = 3
-PREDICTED_BGR = (0, 200, 0)
-TRUTH_BGR = (0, 0, 255)
 REPORT_TITLES = {
     "aflw2000": "AFLW2000-3D, 68 points, original annotation",
     "aflw2000_reannotated": "AFLW2000-3D, 68 points, reannotated",
@@ -40,7 +38,7 @@ def plot_cumulative_errors(reports: dict[str, dict[str, Any]], path: Path) -> No
         errors = np.sort(np.array(list(report["per_image"].values()))) * 100.0
         fraction = np.arange(1, len(errors) + 1) / len(errors)
         axes.step(np.concatenate([[0.0], errors]), np.concatenate([[0.0], fraction]), where="post",
-                  label=f"{REPORT_TITLES[key]} (mean {report['nme_per_sample_mean'] * 100:.2f} %)")
+                  label=f"{REPORT_TITLES[key]} (per-image mean {report['nme_per_sample_mean'] * 100:.2f} %)")
         upper = max(upper, float(np.percentile(errors, 99)) * 1.1)
     axes.set(xlim=(0.0, upper), ylim=(0.0, 1.0), xlabel="NME (%)", ylabel="fraction of images",
              title="Cumulative error distribution")
@@ -63,8 +61,8 @@ def plot_yaw_bins(reports: dict[str, dict[str, Any]], path: Path) -> None:
             axes.annotate(f"n={row['count']}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                           ha="center", va="bottom", fontsize=8)
         axes.set(xlabel="|yaw| (degrees)", ylabel="NME (%)",
-                 title=f"{REPORT_TITLES[key]}\nmean {report['nme_mean_of_bins'] * 100:.2f}, "
-                       f"std {report['nme_std_of_bins'] * 100:.2f}")
+                 title=f"{REPORT_TITLES[key]}\nmean of the bins {report['nme_mean_of_bins'] * 100:.2f} %, "
+                       f"their std {report['nme_std_of_bins'] * 100:.2f}")
         axes.title.set_fontsize(8)
         axes.margins(y=0.15)
     figure.tight_layout()
@@ -76,7 +74,8 @@ def overlay_sheet(
     predictor_name: str, filesystem: pafs.FileSystem, refs: list[SampleRef],
     predictions: FacePredictions, errors: np.ndarray, path: Path,
 ) -> None:
-    """Crops of the best, median and worst faces (one row each), ground truth red, prediction green."""
+    """Crops of the best, median and worst faces (one row each), the ground truth and the
+    prediction in the colours the legend above them names."""
     order = np.argsort(errors, kind="stable")
     count = min(OVERLAY_PER_ROW, len(order))
     middle = max(0, min(len(order) // 2 - count // 2, len(order) - count))
@@ -86,15 +85,14 @@ def overlay_sheet(
         for i in indices:
             box = predictions.boxes[i]
             canvas = enlarge(crop_image(read_image(filesystem, refs[i]), box), OVERLAY_SCALE)
-            marked = ((predictions.truth[i], TRUTH_BGR), (predictions.predicted[i], PREDICTED_BGR))
+            marked = ((predictions.truth[i], TRUTH_BGR), (predictions.predicted[i], LANDMARK_BGR))
             for points, colour in marked:
                 canvas = draw_landmarks(canvas, image_to_crop(points[:2], box), colour, OVERLAY_SCALE)
             cv2.putText(canvas, f"{label} {predictions.stems[i]} {errors[i] * 100:.2f}%", (4, 14),
                         cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
             tiles.append(canvas)
-    sheet = tile(tiles, columns=count)
-    cv2.putText(sheet, predictor_name, (4, sheet.shape[0] - 2), cv2.FONT_HERSHEY_SIMPLEX, 0.3,
-                (90, 90, 90), 1, cv2.LINE_AA)
+    sheet = legend(tile(tiles, columns=count), [("ground truth", TRUTH_BGR), (predictor_name, LANDMARK_BGR)])
+    sheet = caption(sheet, ["Best, median and worst faces by NME (rows); each crop's NME in its corner"])
     if not cv2.imwrite(str(path), sheet):
         raise OSError(f"{path}: could not write the overlay sheet")
 

@@ -25,6 +25,7 @@ from models.frame import CROP_SIZE
 from models.onnx_export import export_onnx
 from models.registry import count_complexity, load_model
 from pipeline.common import add_arch_arguments, resolve_arch, setup_logging, stage_parser, write_json
+from pipeline.console import run_main
 from pipeline.paths import input_path
 
 LOG = logging.getLogger("frnet.export")
@@ -43,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging()
+    setup_logging(args.verbose)
     try:
         if args.checkpoint is not None:
             args.checkpoint = input_path(args.checkpoint, "--checkpoint")
@@ -67,4 +68,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -18,6 +18,7 @@ from pathlib import Path
 from models.frame import CROP_SIZE
 from models.registry import build_model, count_complexity
 from pipeline.common import add_arch_arguments, setup_logging, stage_parser, write_json
+from pipeline.console import run_main
 
 LOG = logging.getLogger("frnet.info")
 
@@ -32,7 +33,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging()
+    setup_logging(args.verbose)
     try:
         model = build_model(args.arch, args.width)
         complexity = count_complexity(model, args.input_size)
@@ -49,4 +50,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

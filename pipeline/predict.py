@@ -36,6 +36,7 @@ import numpy as np
 from models.checkpoint import ModelBundle, load_bundle
 from models.predictor import FacePredictor, Prediction
 from pipeline.common import setup_logging, stage_parser, write_json
+from pipeline.console import run_main
 from pipeline.paths import input_path
 from pipeline.tracking import bundle_from_model_uri
 from preprocessing.face_detector import MtcnnFaceDetector
@@ -204,7 +205,7 @@ def predict_images(bundle: ModelBundle, images: list[Path], out: Path, box: np.n
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging()
+    setup_logging(args.verbose)
     try:  # everything the command line names, before any work
         box = None if args.box is None else parse_box(args.box)
         images = [input_path(image, "image") for image in args.images]
@@ -229,4 +230,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -23,6 +23,7 @@ import ray
 from pipeline.cluster_storage import check_shared, preprocessing_folders
 from pipeline.common import setup_logging, stage_parser, write_json
 from pipeline.config import ConfigError, load_config, with_overrides
+from pipeline.console import run_main
 from pipeline.paths import input_location, input_path, model_source
 from pipeline.ray_runtime import RayStartError, start_ray
 from preprocessing.dataflow import PreprocessConfig
@@ -51,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging()
+    setup_logging(args.verbose)
     try:
         config = load_config(input_path(args.config, "--config"), PreprocessConfig)
         config = with_overrides(config, {"morphable_model": model_source(config.morphable_model,
@@ -94,4 +95,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -46,6 +46,9 @@ def start_ray(num_cpus: int | None = None, dashboard: bool = True, **kwargs: Any
     """
     if ray.is_initialized():
         return
+    from pipeline.console import worker_environment
+
+    environment = worker_environment()  # the console's choice, for the job's workers
     cluster = cluster_to_join()
     if cluster is not None:
         address, found_in = cluster
@@ -54,13 +57,14 @@ def start_ray(num_cpus: int | None = None, dashboard: bool = True, **kwargs: Any
                 f"--num-cpus {num_cpus} sizes a local Ray, but a Ray cluster is running at {address} "
                 f"(from {found_in}): leave out --num-cpus to use that cluster, or stop it first")
         LOG.info("joining the Ray cluster at %s (from %s)", address, found_in)
-        ray.init(address=address, **kwargs)
+        ray.init(address=address, runtime_env={"env_vars": environment}, **kwargs)
         return
     if not dashboard:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                 runtime_env={"env_vars": environment}, **kwargs)
         return
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    runtime_env = {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}
+    runtime_env = {"env_vars": {**environment, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}
     ray.init(address="local", num_cpus=num_cpus, dashboard_port=port, runtime_env=runtime_env, **kwargs)

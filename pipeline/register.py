@@ -26,6 +26,7 @@ from models.checkpoint import ModelBundle
 from models.face_models import load_face_model
 from models.registry import ARCHITECTURES, build_model, load_model
 from pipeline.common import progress_logger, setup_logging, stage_parser, write_json
+from pipeline.console import run_main
 from pipeline.evaluate import check_model_args, parse_param_stats, read_model_file
 from pipeline.paths import input_path, model_source
 from pipeline.registration import register_scored
@@ -98,7 +99,7 @@ def score(bundle: ModelBundle, args: argparse.Namespace) -> dict[str, Any] | Non
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging()
+    setup_logging(args.verbose)
     try:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -134,4 +135,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

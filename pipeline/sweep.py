@@ -26,6 +26,7 @@ from ray.tune.search import BasicVariantGenerator
 from models.checkpoint import load_bundle
 from pipeline.cluster_storage import check_shared, storage_location, training_folders
 from pipeline.config import ConfigError, from_dict, to_plain, with_overrides
+from pipeline.console import is_verbose
 from pipeline.paths import input_location
 from pipeline.registration import evaluate_and_register
 from pipeline.sweep_report import COMPLETED, FAILED, STOPPED, TrialRow, plot_against_keys, plot_curves, ranked
@@ -63,6 +64,8 @@ from preprocessing.manifest import read_manifest
 
 LOG = logging.getLogger("frnet.tune")
 METRIC = "val_nme"
+BEST_CONFIG = "best_train.yaml"  # in the sweep folder
+ASHA_RUNGS = "asha_rungs.json"  # in the sweep folder: ASHA's state, for --resume
 TRIAL_DRIVER_CPU = 0.01
 # A resource Ray gives the head node only.
 HEAD_NODE_RESOURCE = "node:__internal_head__"
@@ -164,7 +167,8 @@ def make_tuner(context: SweepContext, space: SearchSpace, sweep: SweepConfig, re
             raise FileNotFoundError(f"{experiment}: no Tune state to resume")
         return ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
     if space.scheduler.name == "asha":
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=sweep.epochs,
+        scheduler = ResumableASHA(Path(context.run_dir) / "tune" / context.name / ASHA_RUNGS,
+                                  time_attr="epoch", max_t=sweep.epochs,
                                   grace_period=space.scheduler.grace_period,
                                   reduction_factor=space.scheduler.reduction_factor)
     else:
@@ -179,8 +183,81 @@ def make_tuner(context: SweepContext, space: SearchSpace, sweep: SweepConfig, re
                                              max_concurrent=sweep.max_concurrent_trials),
             trial_name_creator=lambda trial: trial.trial_id,
             trial_dirname_creator=lambda trial: trial.trial_id),
-        run_config=ray.tune.RunConfig(name=context.name, storage_path=context.storage, verbose=1),
+        run_config=ray.tune.RunConfig(name=context.name, storage_path=context.storage,
+                                      verbose=1 if is_verbose() else 0, callbacks=[TrialLines()]),
     )
+
+
+class ResumableASHA(ASHAScheduler):
+    """ASHA that keeps its rungs (each trial's result at each milestone) in a file in the sweep
+    folder. Tune restores a resumed sweep's searcher but not its scheduler's rungs, so without it
+    a trial after the interruption would be judged against only the trials that ran after it."""
+
+    def __init__(self, state_path: Path, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.state_path = str(state_path)
+        self.loaded = False
+
+    def _rungs(self) -> list[list[dict[str, float]]]:
+        return [[recorded for _, recorded in bracket._rungs] for bracket in self._brackets]
+
+    def _load(self) -> None:
+        if self.loaded:
+            return
+        self.loaded = True
+        path = Path(self.state_path)
+        if path.exists():
+            for rungs, saved in zip(self._rungs(), json.loads(path.read_text()), strict=True):
+                for recorded, values in zip(rungs, saved, strict=True):
+                    recorded.update(values)
+
+    def _save(self) -> None:
+        rungs = [[{trial: float(value) for trial, value in recorded.items()} for recorded in bracket]
+                 for bracket in self._rungs()]
+        Path(self.state_path).write_text(json.dumps(rungs))
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        self._load()
+        super().on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        self._load()
+        action = super().on_trial_result(tune_controller, trial, result)
+        self._save()
+        return action
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        self._load()
+        super().on_trial_complete(tune_controller, trial, result)
+        self._save()
+
+
+class TrialLines(ray.tune.Callback):
+    """A console line as each trial ends: its best validation NME and the best trial so far, as
+    the sweep ranks them (lowest NME any epoch reached), in place of Tune's status tables."""
+
+    def __init__(self) -> None:
+        self.best: dict[str, tuple[float, int]] = {}  # trial id -> (lowest val_nme, its epoch)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if METRIC in result:
+            reached = (float(result[METRIC]), int(result.get("epoch", 0)))
+            self.best[trial.trial_id] = min(self.best.get(trial.trial_id, reached), reached)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._ended(trial, "ended")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._ended(trial, "FAILED")
+
+    def _ended(self, trial: Any, how: str) -> None:
+        if trial.trial_id not in self.best:
+            LOG.info("trial %s %s without a validation NME", trial.trial_id, how)
+            return
+        nme, epoch = self.best[trial.trial_id]
+        leader = min(self.best, key=lambda key: (self.best[key], key))
+        LOG.info("trial %s %s: best validation NME %.3f%% (epoch %d); best trial so far %s, %.3f%%",
+                 trial.trial_id, how, 100 * nme, epoch, leader, 100 * self.best[leader][0])
 
 
 def collect_rows(grid: ray.tune.ResultGrid, context: SweepContext, epochs: int) -> list[TrialRow]:
@@ -224,6 +301,17 @@ def report_sweep(rows: list[TrialRow], space: SearchSpace, sweep_dir: Path) -> N
     names = ("results.csv", "nme_vs_searched_keys.png", "validation_curves.png", "space.yaml", "tune.yaml")
     for name in names:
         log_artifact(sweep_dir / name, "sweep")
+
+
+def write_best_config(best: TrialRow, base: TrainConfig, path: Path) -> Path:
+    """The base training config with the best trial's searched values: what to train longer
+    (``frnet train --config PATH``)."""
+    config = with_overrides(base, best.searched, source=f"trial {best.trial_id}")
+    header = (f"# The sweep's base training config with trial {best.trial_id}'s searched values "
+              f"(validation NME {100 * best.best[1]:.3f}% at epoch {best.best[0]}).\n"
+              f"# Train it: frnet train --config {path}\n")
+    path.write_text(header + yaml.safe_dump(to_plain(config), sort_keys=False))
+    return path
 
 
 def register_best(best: TrialRow, context: SweepContext, base: TrainConfig) -> dict[str, Any]:
@@ -338,6 +426,8 @@ def tune_sweep(args: SweepRequest) -> dict[str, Any]:
                      "trials_stopped_early": _count(rows, STOPPED), "trials_failed": _count(rows, FAILED)})
         set_tags({"best_trial": best.trial_id})
         figures["best_trial"] = best.trial_id
+        figures["best_config"] = str(write_best_config(best, base, sweep_dir / BEST_CONFIG))
+        log_artifact(sweep_dir / BEST_CONFIG, "sweep")
         figures.update(register_best(best, context, base))
     figures["synthetic_data"] = read_manifest(base.data.shards).morphable_model.synthetic
     figures["sweep_dir"] = str(sweep_dir)

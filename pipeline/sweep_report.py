@@ -66,8 +66,9 @@ def plot_against_keys(rows: list[TrialRow], log_keys: dict[str, bool], path: Pat
                 axis.scatter(xs, ys, s=28, label=state, facecolors="C0" if filled else "none",
                              edgecolors="C0")
         if log_keys[key]:
-            axis.set_xscale("log")
+            log_x_axis(axis)
         axis.set_xlabel(key)
+        axis.ticklabel_format(axis="y", useOffset=False)  # NMEs as they are, not "+2.286e1"
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("best validation NME (%)")
     axes[0][0].legend(fontsize=8)
@@ -77,8 +78,19 @@ def plot_against_keys(rows: list[TrialRow], log_keys: dict[str, bool], path: Pat
     plt.close(fig)
 
 
-def plot_curves(rows: list[TrialRow], path: Path, highlight: int = 3) -> None:
-    """Validation NME per epoch of every trial (grey) and of the best few (coloured)."""
+def log_x_axis(axis: Any) -> None:
+    """A log x scale labelled at 1, 2 and 5 of each decade in plain numbers (0.02, 0.05, 0.1), with
+    no labels on the minor ticks, where matplotlib's defaults run into each other."""
+    axis.set_xscale("log")
+    axis.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
+def plot_curves(rows: list[TrialRow], path: Path, named: int = 8) -> None:
+    """Validation NME per epoch of every trial, a marker at every epoch (a trial ASHA stopped after
+    one epoch is a point); the best ``named`` in colour with their names in the legend, any others
+    grey. A hollow last marker: the trial was stopped early."""
     fig, axis = plt.subplots(figsize=(6.4, 4.0))
     ordered = [row for row in ranked(rows) if row.curve]
     for rank, row in reversed(list(enumerate(ordered))):
@@ -87,17 +99,23 @@ def plot_curves(rows: list[TrialRow], path: Path, highlight: int = 3) -> None:
             continue
         epochs, values = zip(*finite, strict=True)
         percent = [100 * v for v in values]
-        if rank < highlight:
-            axis.plot(epochs, percent, marker="o", ms=3, label=f"{row.trial_id} ({100 * row.best[1]:.2f}%)")
-        else:
-            axis.plot(epochs, percent, color="0.7", lw=1)
+        colour = f"C{rank % 10}" if rank < named else "0.65"
+        stopped = ", stopped" if row.state == STOPPED else ""
+        label = f"{row.trial_id} (best {100 * row.best[1]:.2f}%{stopped})" if rank < named else None
+        axis.plot(epochs, percent, marker="o", ms=4, color=colour, lw=1.2, label=label)
+        if row.state == STOPPED:
+            axis.plot(epochs[-1:], percent[-1:], marker="o", ms=8, color=colour, fillstyle="none", lw=0)
     axis.set_xlabel("epoch")
     axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axis.set_ylabel("validation NME (%)")
-    axis.set_title("Validation curves (grey: the other trials)")
+    axis.ticklabel_format(axis="y", useOffset=False)
+    others = len(ordered) - named
+    axis.set_title(f"Validation curves of all {len(ordered)} trials"
+                   + (f" (grey: the {others} after the best {named})" if others > 0 else ""))
     axis.grid(alpha=0.3)
     if ordered:
-        axis.legend(fontsize=8)
+        handles, labels = axis.get_legend_handles_labels()
+        axis.legend(handles[::-1], labels[::-1], fontsize=7)  # drawn worst first, listed best first
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pipeline.common import progress_logger, setup_logging, stage_parser, write_json
 from pipeline.config import ConfigError, from_dict, load_config
+from pipeline.console import run_main
 from preprocessing.synth import LAYOUTS, SynthConfig, generate
 
 LOG = logging.getLogger("frnet.synth")
@@ -39,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging()
+    setup_logging(args.verbose)
     overrides = {key: value for key, value in (
         ("layout", args.layout), ("n", args.n), ("seed", args.seed), ("views_per_face", args.views),
         ("flip", False if args.no_flip else None)) if value is not None}
@@ -62,4 +63,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -20,6 +20,7 @@ import ray
 
 from pipeline.common import setup_logging, stage_parser, write_json
 from pipeline.config import ConfigError, load_config, with_overrides
+from pipeline.console import run_main
 from pipeline.paths import input_location, input_path
 from pipeline.ray_runtime import RayStartError, start_ray
 from pipeline.train_config import TrainConfig
@@ -58,7 +59,7 @@ def load_train_config(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging()
+    setup_logging(args.verbose)
     try:
         config = load_train_config(args)
         start_ray(args.num_cpus, logging_level=logging.WARNING)
@@ -91,4 +92,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

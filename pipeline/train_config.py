@@ -85,12 +85,16 @@ class DataConfig:
     # Decode the crops once into Ray's object store and train every epoch from there: for sets
     # that fit in memory (43 KB a crop decoded, against about 5.5 KB as JPEG in the shards).
     cache_decoded: bool = False
+    # Object-store memory (MiB, all workers together) Ray Data may fill with decoded crops ahead
+    # of the training workers (a shard file decodes to about 40 MiB); None: Ray's own limit, a
+    # share of the whole object store.
+    read_ahead_mib: int | None = 2048
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("shuffle_buffer", "max_batches"):
+        for name in ("shuffle_buffer", "max_batches", "read_ahead_mib"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 or null, got {getattr(self, name)}")
 

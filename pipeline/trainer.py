@@ -12,11 +12,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
 from models.face_models import load_face_model
 from pipeline.cluster_storage import storage_location
+from pipeline.console import is_verbose
 from pipeline.shard_data import crops_per_source, shard_datasets
 from pipeline.tracking import TrackingTarget, log_epoch_metrics, tag_run
 from pipeline.train_config import DataConfig, TrainConfig
@@ -83,13 +85,26 @@ def make_trainer(config: TrainConfig, run_dir: Path, manifest: Manifest, trackin
                                                placement_strategy=config.scaling.placement_strategy),
         run_config=ray.train.RunConfig(
             name=config.run.name, storage_path=storage, callbacks=callbacks,
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if is_verbose() else "WARNING"),
             failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=config.run.keep_checkpoints, checkpoint_score_attribute="val_nme",
                 checkpoint_score_order="min"),
         ),
         datasets=shard_datasets(config.data.shards, manifest, config.data, config.seed),
+        dataset_config=ray.train.DataConfig(execution_options=ingest_options(config.data)),
     )
+
+
+def ingest_options(data: DataConfig) -> ray.data.ExecutionOptions:
+    """Ray Data's options for Ray Train's ingest of the shard datasets: the driver's, reading
+    ahead into at most ``data.read_ahead_mib`` of object-store memory."""
+    current = ray.data.DataContext.get_current().execution_options
+    limits = current.resource_limits
+    if data.read_ahead_mib is not None:
+        limits = limits.copy(object_store_memory=data.read_ahead_mib * 2**20)
+    return ray.data.ExecutionOptions(resource_limits=limits, preserve_order=current.preserve_order,
+                                     verbose_progress=current.verbose_progress)
 
 
 def best_model_file(result: ray.train.Result, destination: Path) -> tuple[Path, dict[str, Any]]:

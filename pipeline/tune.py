@@ -21,6 +21,7 @@ import ray
 
 from pipeline.common import setup_logging, stage_parser, write_json
 from pipeline.config import ConfigError
+from pipeline.console import run_main
 from pipeline.paths import input_location, input_path
 from pipeline.ray_runtime import RayStartError, start_ray
 from pipeline.sweep import SweepInterrupted, SweepRequest, tune_sweep
@@ -66,6 +67,7 @@ def print_summary(figures: dict[str, Any]) -> None:
         print(f"AFLW2000-3D NME {100 * figures['aflw2000']['nme_mean_of_bins']:.2f}% (mean of yaw bins); "
               f"model {figures['registered_model']} version {figures['model_version']}: {state}")
     print(f"table and plots: {figures['sweep_dir']}")
+    print(f"train the best trial's config longer: frnet train --config {figures['best_config']}")
 
 
 def _short(value: Any) -> str:
@@ -74,7 +76,7 @@ def _short(value: Any) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging()
+    setup_logging(args.verbose)
     try:  # the paths the command line names, before Ray starts
         request = SweepRequest(config=input_path(args.config, "--config"),
                                space=None if args.space is None else input_path(args.space, "--space"),
@@ -103,4 +105,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

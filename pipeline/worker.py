@@ -33,7 +33,9 @@ from models.losses import FRNetLoss, dewhiten
 from models.morphable import MorphableModel
 from models.params import ParamStats
 from models.registry import build_model
+from pipeline.common import duration
 from pipeline.config import from_dict
+from pipeline.console import is_verbose, quiet_libraries
 from pipeline.train_config import OptimConfig, TrainConfig
 
 LOG = logging.getLogger("frnet.train")
@@ -148,14 +150,18 @@ def _all_reduce(values: list[float], device: torch.device) -> list[float]:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's per-worker function (``loop_config`` from :func:`loop_config`)."""
+    quiet_libraries(is_verbose())
     worker = start_worker(from_dict(TrainConfig, loop_config["train"], source="train_loop_config"),
                           WorkerInputs.from_dict(loop_config["inputs"]))
-    for epoch in range(_resume(worker), worker.config.epochs):
+    first, started = _resume(worker), time.perf_counter()
+    for epoch in range(first, worker.config.epochs):
         sums = train_epoch(worker, epoch)
         val_sum, val_count = validate(worker)
         lr = worker.optimizer.param_groups[0]["lr"]
         worker.scheduler.step()
-        report_epoch(worker, epoch_metrics(epoch, sums, val_sum, val_count, lr, worker.world_size))
+        per_epoch = (time.perf_counter() - started) / (epoch + 1 - first)
+        report_epoch(worker, epoch_metrics(epoch, sums, val_sum, val_count, lr, worker.world_size),
+                     seconds_left=per_epoch * (worker.config.epochs - epoch - 1))
 
 
 def start_worker(config: TrainConfig, inputs: WorkerInputs) -> Worker:
@@ -244,15 +250,17 @@ def epoch_metrics(epoch: int, sums: EpochSums, val_sum: float, val_count: float,
     return metrics
 
 
-def report_epoch(worker: Worker, metrics: dict[str, float]) -> None:
-    """Every worker reports with its node id (a barrier); rank 0 attaches the checkpoint."""
+def report_epoch(worker: Worker, metrics: dict[str, float], seconds_left: float = 0.0) -> None:
+    """Every worker reports with its node id (a barrier); rank 0 logs the epoch's line (with the
+    time the remaining epochs take at this run's pace) and attaches the checkpoint."""
     if worker.rank != 0:
         ray.train.report({**metrics, NODE_ID_KEY: worker.node_id})
         return
     config = worker.config
-    LOG.info("epoch %d/%d  loss %.4f (wpdc %.4f, wing %.4f)  val NME %.3f%%  lr %.2e  %.0f samples/s",
-             metrics["epoch"], config.epochs, metrics["train_loss"], metrics["train_wpdc"],
-             metrics["train_wing"], 100 * metrics["val_nme"], metrics["lr"], metrics["samples_per_second"])
+    LOG.info("epoch %d/%d  loss %.4f (wpdc %.4f, wing %.4f)  val NME %.3f%%  lr %.2e  %.0f samples/s  "
+             "%s left", metrics["epoch"], config.epochs, metrics["train_loss"], metrics["train_wpdc"],
+             metrics["train_wing"], 100 * metrics["val_nme"], metrics["lr"], metrics["samples_per_second"],
+             duration(seconds_left))
     state = {k: v.detach().cpu() for k, v in _unwrap(worker.network).state_dict().items()}
     bundle = ModelBundle(
         arch=config.model.arch, width=config.model.width, state_dict=state,

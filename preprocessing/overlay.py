@@ -90,3 +90,27 @@ def caption(canvas: np.ndarray, lines: list[str], colour: tuple[int, int, int] =
     for row, text in enumerate(wrapped):
         cv2.putText(band, text, (4, step * (row + 1)), FONT, scale, colour, 1, cv2.LINE_AA)
     return np.concatenate([band, canvas], axis=0)
+
+
+def legend(canvas: np.ndarray, entries: list[tuple[str, tuple[int, int, int]]], scale: float = 0.4,
+           ) -> np.ndarray:
+    """``canvas`` with a white band above it naming each colour drawn on it: a swatch, then its
+    label, entries wrapped to the canvas width."""
+    width = canvas.shape[1]
+    text_height = cv2.getTextSize("Ag", FONT, scale, 1)[0][1]
+    swatch, step = text_height + 2, int(text_height * 1.8) + 4
+    placed: list[tuple[int, int, str, tuple[int, int, int]]] = []  # row, x, label, colour
+    row, x = 0, 4
+    for label, colour in entries:
+        needed = swatch + 4 + cv2.getTextSize(label, FONT, scale, 1)[0][0] + 12
+        if x > 4 and x + needed > width:
+            row, x = row + 1, 4
+        placed.append((row, x, label, colour))
+        x += needed
+    band = np.full((step * (row + 1) + 4, width, 3), 255, np.uint8)
+    for row, x, label, colour in placed:
+        baseline = step * (row + 1)
+        cv2.rectangle(band, (x, baseline - swatch + 1), (x + swatch, baseline), colour, -1)
+        cv2.putText(band, label, (x + swatch + 4, baseline), FONT, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([band, canvas], axis=0)
+

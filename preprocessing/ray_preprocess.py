@@ -97,7 +97,8 @@ def _run_jobs(jobs: list[ShardJob], config: PreprocessConfig, strict: bool, file
     dataset = ray.data.from_items([{"key": job.key} for job in pending], override_num_blocks=len(pending))
     model_ref = ray.put(model)  # held here until every shard is done
     dataset = dataset.map_batches(
-        process_shards, batch_size=1, concurrency=size, num_cpus=config.num_cpus_per_task,
+        process_shards, batch_size=1, compute=ray.data.TaskPoolStrategy(size=size),
+        num_cpus=config.num_cpus_per_task,
         fn_kwargs={"jobs": {job.key: job for job in pending}, "config": config, "strict": strict,
                    "model": [model_ref]},
     )

@@ -97,3 +97,20 @@ def test_the_learning_rate_follows_the_global_batch():
     assert shipped.optim.lr_scaling == "linear" and shipped.lr == shipped.optim.lr  # 2 x 128 = 256
     with pytest.raises(ConfigError, match="lr_scaling' must be one of"):
         from_dict(TrainConfig, {"optim": {"lr_scaling": "sqrt"}})
+
+
+def test_the_read_ahead_bound_reaches_ray_train():
+    """``data.read_ahead_mib`` becomes the object-store limit of Ray Train's ingest; null leaves
+    Ray's own; below 1 is refused."""
+    import ray.data
+
+    from pipeline.train_config import DataConfig, TrainConfig
+    from pipeline.trainer import ingest_options
+
+    assert ingest_options(DataConfig(read_ahead_mib=512)).resource_limits.object_store_memory == 512 * 2**20
+    ray_default = ray.data.DataContext.get_current().execution_options.resource_limits.object_store_memory
+    assert ingest_options(DataConfig(read_ahead_mib=None)).resource_limits.object_store_memory == ray_default
+    shipped = load_config(REPO_ROOT / "configs" / "train.yaml", TrainConfig)
+    assert shipped.data.read_ahead_mib == 2048
+    with pytest.raises(ConfigError, match="read_ahead_mib must be >= 1 or null, got 0"):
+        from_dict(TrainConfig, {"data": {"read_ahead_mib": 0}})

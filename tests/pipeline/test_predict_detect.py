@@ -173,3 +173,39 @@ def test_a_box_on_the_background_is_flagged(peer_model_file, tmp_path):
     assert run_predict("--checkpoint", peer_model_file, image_path, "--out", out) == 0
     record = json.loads((out / "IBUG_image_008_1_0.json").read_text())
     assert not record["flagged"] and record["detector_score"] > 0.9 and record["points_error"] < 0.15
+
+
+def test_the_demo_showcase_fails_on_a_planted_false_detection(peer_model_file, tmp_path, monkeypatch):
+    """The demo's showcase: synthetic test faces through the detector and 3DDFA_V2's peer pass;
+    with a confident detection planted on one image's background the fit is flagged, the
+    showcase lists that image as a failure (the demo then exits 1) and still draws its sheet."""
+    from models.checkpoint import load_bundle
+    from pipeline.demo import frontal_stems, showcase
+    from preprocessing.face_detector import Detections, MtcnnFaceDetector
+    from preprocessing.synth import SynthConfig, generate
+
+    folder = tmp_path / "AFLW2000"
+    generate(SynthConfig("aflw2000-3d", 6, seed=3), folder)
+    stems = frontal_stems(folder, 2)
+    bundle, _ = load_bundle(peer_model_file)
+    honest = showcase(bundle, folder, stems, tmp_path / "honest")
+    assert honest["failures"] == [] and [face["stem"] for face in honest["faces"]] == stems
+    assert all(face["nme"] < 0.1 and face["detector_score"] > 0.9 for face in honest["faces"])
+
+    target = cv2.imread(str(folder / f"{stems[1]}.jpg"))
+    detect = MtcnnFaceDetector.detect
+
+    def planted_detect(self, image: np.ndarray) -> Detections:
+        if not np.array_equal(image, target):
+            return detect(self, image)
+        box = np.array([[4.0, 4.0, 104.0, 104.0]])  # the top-left corner: background
+        points = np.array([[[34, 40], [74, 40], [54, 60], [38, 80], [70, 80]]], dtype=np.float64)
+        return Detections(boxes=box, scores=np.array([0.99]), points=points, mtcnn_boxes=box)
+
+    monkeypatch.setattr(MtcnnFaceDetector, "detect", planted_detect)
+    planted = showcase(bundle, folder, stems, tmp_path / "planted")
+    assert len(planted["failures"]) == 1 and planted["failures"][0].startswith(f"{stems[1]}: flagged")
+    flagged = {face["stem"]: face["flagged"] for face in planted["faces"]}
+    assert flagged == {stems[0]: False, stems[1]: True}
+    sheet = cv2.imread(planted["sheet"])
+    assert sheet is not None and sheet.shape[1] > 2 * target.shape[1]

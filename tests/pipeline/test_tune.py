@@ -22,9 +22,10 @@ from tests.conftest import tiny_shards
 
 pytestmark = pytest.mark.slow
 # The grid runs in order: a sound learning rate, then one that blows the network up (ASHA must
-# stop it after its first epoch), then each again.
+# stop it after its first epoch), then each again. Tune stops a trial while its Train workers go
+# on, so a stopped trial may report an epoch or two more: four epochs leave room for that.
 LEARNING_RATES = [0.001, 50.0, 0.001, 50.0]
-EPOCHS = 2
+EPOCHS = 4
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -86,6 +87,7 @@ def sweep(sweep_files, tmp_path_factory):
     resumed = tune_stage.main([*common, "--resume", "--json", str(run_dir / "sweep.json")])
     return {"run_dir": run_dir, "first_exit": first, "resumed_exit": resumed, "before": before,
             "log": (run_dir / "interrupted.log").read_text()[-3000:],
+            "whole_log": (run_dir / "interrupted.log").read_text(),
             "figures": json.loads((run_dir / "sweep.json").read_text())}
 
 
@@ -94,7 +96,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep):
     assert sweep["resumed_exit"] == 0
     before, after = sweep["before"], trial_results(sweep["run_dir"])
     finished = sorted(before)[:2]
-    assert [len(before[trial]) for trial in finished] == [EPOCHS, 1]
+    assert len(before[finished[0]]) == EPOCHS and 1 <= len(before[finished[1]]) < EPOCHS
     # The finished trials' results are untouched by the resumed run, and nothing ran twice.
     assert all(after[trial] == before[trial] for trial in finished)
     assert len(after) == len(LEARNING_RATES)
@@ -134,8 +136,10 @@ def test_mlflow_holds_a_parent_run_and_one_nested_run_per_trial(sweep):
     for child in children:
         trial = next(t for t in figures["trials"] if t["trial_id"] == child.data.tags["trial_id"])
         assert float(child.data.params["optim.lr"]) == trial["searched"]["optim.lr"]
-        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_nme")]
-        assert steps == list(range(1, len(trial["curve"]) + 1))
+        # A stopped trial's Train run may finish an epoch or two more before it ends: MLflow
+        # holds every epoch trained, in order, Tune the ones it took before stopping it.
+        steps = sorted(m.step for m in client.get_metric_history(child.info.run_id, "val_nme"))
+        assert steps == list(range(1, len(steps) + 1)) and len(trial["curve"]) <= len(steps) <= EPOCHS
         assert child.info.status == ("FINISHED" if trial["state"] == "completed" else "KILLED")
 
 
@@ -162,3 +166,24 @@ def test_a_second_sweep_of_the_same_name_is_refused(sweep, sweep_files, caplog):
     code = tune_stage.main(["--config", str(sweep_files / "tune.yaml"), "--run-dir", str(sweep["run_dir"]),
                             "--space", str(sweep_files / "space.yaml")])
     assert code == 2 and "--resume continues it" in caplog.text
+
+
+def test_the_sweep_keeps_asha_rungs_and_writes_the_best_config(sweep, sweep_files):
+    """ASHA's rungs survive the interruption (the trials before it still count for the ones after
+    it); the console names each ended trial and the best so far, as the sweep ranks them; and the
+    best trial's config is written for a longer training run."""
+    from pipeline.config import load_config
+    from pipeline.train_config import TrainConfig
+
+    figures = sweep["figures"]
+    rungs = json.loads((Path(figures["sweep_dir"]) / "asha_rungs.json").read_text())
+    first_rung = rungs[0][-1]  # rungs run from the last milestone to the first
+    assert sorted(first_rung) == sorted(t["trial_id"] for t in figures["trials"])
+    first, diverging = sorted(sweep["before"])[:2]
+    log = sweep["whole_log"]
+    assert f"trial {first} ended: best validation NME" in log
+    assert f"best trial so far {first}" in log.split(f"trial {diverging} ended: best validation NME")[1]
+    best = figures["trials"][0]
+    config = load_config(Path(figures["best_config"]), TrainConfig)
+    base = load_config(sweep_files / "train.yaml", TrainConfig)
+    assert config.optim.lr == best["searched"]["optim.lr"] and config.epochs == base.epochs != EPOCHS

@@ -1,0 +1,124 @@
+"""The console every stage shares: the project's own lines by default (stage headers, progress,
+one line an epoch or a trial, the final table); with ``--verbose``, all that Ray, Ray Data, Ray
+Train, Ray Tune, torch and MLflow print besides.
+
+Quiet is set where the noise starts: logger levels, warnings filters and Ray's own settings, in
+the driver and, through the job's environment, in every Ray worker. Errors are never filtered:
+library loggers keep their warnings and errors, and a Ray failure is reported with one line of
+advice (:func:`run_main`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import traceback
+import warnings
+from collections.abc import Callable
+
+VERBOSE_ENV = "FRNET_VERBOSE"
+# Loggers whose INFO lines are a library's running commentary, not the project's.
+LIBRARY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.air", "mlflow", "alembic", "urllib3",
+                   "filelock", "torch.distributed", "torch.nn.parallel.distributed")
+# Loggers whose warnings only say that a display is off: tqdm is not installed, or the progress
+# bars the stages turn off are off.
+QUIET_WARNINGS_LOGGERS = ("ray.experimental.tqdm_ray", "ray.data._internal.progress")
+# Warnings that hold nothing a user of this project can act on, by category and start of message.
+KNOWN_WARNINGS = (
+    # DDP on a network with depthwise convolutions: the gradient buckets are laid out for the
+    # contiguous strides, a copy per step, no error.
+    (UserWarning, "Grad strides do not match bucket view strides"),
+    # Ray Data's own settings, deprecated in favour of others it sets itself.
+    (DeprecationWarning, "`use_arrow_tensor_v2` is deprecated"),
+    (DeprecationWarning, "`use_push_based_shuffle` is deprecated"),
+    (DeprecationWarning, "`use_polars` is deprecated"),
+    (DeprecationWarning, "`ray_remote_args` is deprecated"),
+)
+RAY_ADVICE = ("Ray failed, not the data or the config: check the cluster with `ray status` and its logs "
+              "(Ray's session folder, logs/), then run the command again; `frnet train --resume` "
+              "continues a run from its last checkpoint.")
+
+
+def is_verbose() -> bool:
+    """Whether this process (the driver, or a Ray worker of its job) runs verbose."""
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """The library loggers at WARNING and the known warnings ignored, in this process; nothing
+    changes when ``verbose``."""
+    if verbose:
+        return
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for name in QUIET_WARNINGS_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for handler in logging.getLogger().handlers:  # Ray Train's worker set-up puts its own here
+        if not any(isinstance(f, RayInfoFilter) for f in handler.filters):
+            handler.addFilter(RayInfoFilter())
+    for category, start in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(start), category=category)
+
+
+class RayInfoFilter(logging.Filter):
+    """Drops the INFO and DEBUG records Ray's own code logs through loggers outside ``ray.*`` (some
+    are named after their file); its warnings and errors pass, as does everything else."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import ray
+
+        self.ray_folder = os.path.dirname(ray.__file__) + os.sep
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.pathname.startswith(self.ray_folder)
+
+
+def setup_console(verbose: bool) -> None:
+    """The driver's console, before Ray starts: the choice goes to Ray's processes through the
+    environment (:func:`worker_environment`)."""
+    os.environ[VERBOSE_ENV] = "1" if verbose else "0"
+    if not verbose:
+        # Ray Data's progress becomes a log line every few seconds when not on a terminal.
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+        # Tune's new output engine prints its experiment banner at every verbosity; the older
+        # one is silent at verbose=0, and the sweep prints a line per trial itself.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        if not sys.stdout.isatty():
+            os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # no colour codes in a log file
+    quiet_libraries(verbose)
+
+
+def worker_environment() -> dict[str, str]:
+    """The variables a Ray job's workers need to keep the driver's console choice."""
+    return {name: os.environ[name] for name in (VERBOSE_ENV, "RAY_DATA_LOG_LEVEL") if name in os.environ}
+
+
+def ray_failure(err: BaseException) -> bool:
+    """Whether ``err`` is Ray's own failure (a process, node or the cluster), not the stage's."""
+    import ray.exceptions
+
+    if isinstance(err, (ray.exceptions.RayActorError, ray.exceptions.RaySystemError,
+                        ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError,
+                        ray.exceptions.WorkerCrashedError, ray.exceptions.GetTimeoutError,
+                        ConnectionError)):
+        return True
+    return any(ray_failure(inner) for inner in (err.__cause__, err.__context__) if inner is not None)
+
+
+def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """A stage's ``main``; a Ray failure ends with its first line and one line of advice (the
+    whole traceback with ``--verbose``) and exit status 1."""
+    try:
+        return int(main(argv) or 0)
+    except Exception as err:
+        if not ray_failure(err):
+            raise
+        if is_verbose():
+            traceback.print_exc()
+        message = str(err).strip().splitlines()
+        print(f"error: {type(err).__name__}: {message[0] if message else ''}", file=sys.stderr)
+        print(RAY_ADVICE, file=sys.stderr)
+        return 1
