@@ -70,9 +70,6 @@ def split_dataset(shards: str, manifest: Manifest, data: DataConfig, seed: int, 
     # One task reads and decodes one shard file (no batch size, so Ray fuses the two).
     dataset = dataset.map_batches(decode_batch, fn_kwargs={"image_format": manifest.image_format},
                                   batch_format="numpy", batch_size=None)
-    # A single fused operator has nothing to reserve CPUs against; Ray Data's reservation would
-    # hold half of them back from it.
-    dataset.context.op_resource_reservation_enabled = False
     return dataset.materialize() if data.cache_decoded else dataset
 
 
