@@ -159,7 +159,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         val_sum, val_count = validate(worker)
         lr = worker.optimizer.param_groups[0]["lr"]
         worker.scheduler.step()
-        per_epoch = (time.perf_counter() - started) / (epoch + 1 - first)
+        per_epoch = (time.perf_counter() - started) / (epoch - first + 1)
         report_epoch(worker, epoch_metrics(epoch, sums, val_sum, val_count, lr, worker.world_size),
                      seconds_left=per_epoch * (worker.config.epochs - epoch - 1))
 

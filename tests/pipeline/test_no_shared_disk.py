@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -175,7 +176,10 @@ def lose_a_node(processes: Processes, cluster: Cluster, nfs: Path, run_dir: Path
     assert sorted(m.step for m in curve) == list(range(1, NODE_LOSS_EPOCHS + 1)), curve
     logged = {m.step: m.timestamp / 1000 for m in curve}
     assert logged[1] < killed_at < logged[2], (killed_at, logged)
-    assert "resumed from the checkpoint of epoch 1" in output, output[-4000:]
+    # The kill lands during epoch 2; epoch 2's checkpoint may be reported before the node is
+    # gone. Either way the run resumes from its last checkpoint and no epoch is logged twice.
+    resumed = [int(n) for n in re.findall(r"resumed from the checkpoint of epoch (\d+)", output)]
+    assert resumed and resumed[0] in (1, 2), output[-4000:]
     # The epochs after the restart ran on the surviving node alone.
     head = client.get_run(figures["run_id"]).data.tags["train.node_ids"].split(",")
     assert len(set(head)) == 1 and set(head) < cluster.node_ids, head
