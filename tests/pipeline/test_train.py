@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import replace
@@ -96,11 +97,11 @@ def test_training_logs_to_mlflow_and_resumes(shards, tmp_path):
 
 
 def test_an_interrupted_run_resumes_on_purpose_in_the_same_mlflow_run(shards, tmp_path, processes):
-    """`frnet train` killed in epoch 3 of 3; then refused without --resume and with another
-    learning rate; `--resume` trains epoch 3 alone into the same MLflow run."""
+    """`frnet train` stopped after epoch 2 of 5; then refused without --resume and with another
+    learning rate; `--resume` trains the remaining epochs into the same MLflow run."""
     keeper, _ = processes
     run_dir = tmp_path / "run"
-    config = to_plain(small_config(shards, "interrupted", epochs=3))
+    config = to_plain(small_config(shards, "interrupted", epochs=5))
     config["data"]["batch_size"] = 2  # more steps: epochs of a few seconds
     env = {key: value for key, value in os.environ.items() if key not in FOREIGN_ENV}
 
@@ -128,11 +129,13 @@ def test_an_interrupted_run_resumes_on_purpose_in_the_same_mlflow_run(shards, tm
 
     status, output = keeper.run("train-resume", command(config, "--resume"), env, 600)
     assert status == 0, output[-4000:]
-    assert "resumed from the checkpoint of epoch 2" in output
+    # The stop lands in epoch 3; epoch 3's checkpoint may be in before the driver ends.
+    resumed = [int(n) for n in re.findall(r"resumed from the checkpoint of epoch (\d+)", output)]
+    assert resumed and resumed[0] in (2, 3), output[-4000:]
     figures = json.loads((tmp_path / "figures.json").read_text())
     client = mlflow.MlflowClient(store)
     assert figures["run_id"] == run_id and client.get_run(run_id).info.status == "FINISHED"
-    assert sorted(m.step for m in client.get_metric_history(run_id, "val_nme")) == [1, 2, 3]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "val_nme")) == [1, 2, 3, 4, 5]
     status, output = keeper.run("train-resume-finished", command(config, "--resume"), env, 600)
     assert status == 2 and f"the run named 'interrupted' (MLflow run {run_id}) finished" in output
 
