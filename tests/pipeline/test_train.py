@@ -190,7 +190,6 @@ def test_evaluate_pulls_the_champion_by_alias(shards, tmp_path):
 def test_a_killed_worker_is_replaced_and_no_finished_epoch_is_lost(shards, tmp_path):
     """SIGKILL one Ray Train worker after the first checkpoint: with max_failures the run
     restarts the workers from the latest checkpoint and finishes every epoch once."""
-    import re
     import signal
     import subprocess
     import sys
