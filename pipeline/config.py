@@ -1,16 +1,26 @@
 """Typed configuration: YAML -> frozen dataclasses, validated once, and back to plain data.
 
-An unknown key, a missing required key or a value of the wrong type raises :class:`ConfigError`
-naming the file and the dotted key. Nested dataclasses map to nested mappings; tuples take
-lists of the right length; ``X | None`` takes null. Dotted keys (``optim.lr``) name a leaf in
-overrides from the command line, in Tune search spaces and in a trial's fixed keys alike.
+An unknown key, a missing required key, a value of the wrong type or one outside the field's
+declared rule raises :class:`ConfigError` in one line naming the file and the dotted key.
+Nested dataclasses map to nested mappings; tuples take lists of the right length; ``X | None``
+takes null. Dotted keys (``optim.lr``) name a leaf in overrides from the command line, in Tune
+search spaces and in a trial's fixed keys alike.
+
+A field declares its rule in its annotation: ``Annotated[float, Range(gt=0)]`` for a number
+(every float must also be finite: NaN and inf are refused everywhere), ``Annotated[str, NAME]``
+for a name that becomes a file, folder or MLflow name. :func:`from_dict` enforces them, so a
+config file, a command-line override and a Tune search-space value meet the same rule.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
+import re
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,13 +33,98 @@ class ConfigError(ValueError):
     """A configuration value that cannot be used; the message names the source and key."""
 
 
-def load_config(path: Path, cls: type[T], overrides: dict[str, Any] | None = None) -> T:
-    """Read a YAML file into dataclass ``cls``; ``overrides`` (dotted keys) win over the file."""
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric field takes: from ``ge`` or above ``gt``, up to ``le`` or below ``lt``
+    (None: no bound on that side)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def refusal(self, value: float) -> str | None:
+        """What ``value`` must be, or None when it is allowed."""
+        bounds = ((self.ge, operator.ge), (self.gt, operator.gt), (self.le, operator.le),
+                  (self.lt, operator.lt))
+        finite = not isinstance(value, float) or math.isfinite(value)
+        if finite and all(bound is None or holds(value, bound) for bound, holds in bounds):
+            return None
+        rule = self.describe()
+        return f"a finite number {rule}".strip() if isinstance(value, float) else rule
+
+    def describe(self) -> str:
+        """``>= 1``, ``> 0``, ``in [0, 1)``."""
+        low = self.ge if self.ge is not None else self.gt
+        high = self.le if self.le is not None else self.lt
+        if low is not None and high is not None:
+            return (f"in {'[' if self.ge is not None else '('}{_number(low)}, "
+                    f"{_number(high)}{']' if self.le is not None else ')'}")
+        if low is not None:
+            return f"{'>=' if self.ge is not None else '>'} {_number(low)}"
+        if high is not None:
+            return f"{'<=' if self.le is not None else '<'} {_number(high)}"
+        return ""
+
+
+def _number(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else repr(bound)
+
+
+@dataclass(frozen=True)
+class Name:
+    """A name that becomes a file or folder name (run, sweep, model file) or an MLflow name:
+    letters, digits, '.', '_', '-', starting with a letter or digit, no '..', at most
+    ``max_length`` characters; never a path separator, so it cannot leave its folder."""
+
+    max_length: int = 128
+
+    def refusal(self, value: str) -> str | None:
+        if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value) and ".." not in value \
+                and len(value) <= self.max_length:
+            return None
+        return (f"a name of letters, digits, '.', '_' and '-' that starts with a letter or digit, "
+                f"has no '..' and is at most {self.max_length} characters")
+
+
+NAME = Name()
+
+
+def check_name(value: str, where: str, rule: Name = NAME) -> str:
+    """``value`` if it is a safe name, else a :class:`ConfigError` naming ``where`` (a flag)."""
+    reason = rule.refusal(value)
+    if reason:
+        raise ConfigError(f"{where}: must be {reason}, got {value!r}")
+    return value
+
+
+def load_config(path: Path, cls: type[T], overrides: dict[str, Any] | None = None,
+                override_source: str = "command line") -> T:
+    """Read a YAML file into dataclass ``cls``; ``overrides`` (dotted keys) win over the file.
+
+    Each override is checked on its own first, so a bad one is named as ``override_source``'s
+    rather than the file's."""
     path = Path(path)
     data = read_yaml_mapping(path)
     for dotted, value in (overrides or {}).items():
+        check_leaf(cls, dotted, value, override_source)
         set_dotted(data, dotted, value, str(path))
     return from_dict(cls, data, source=str(path))
+
+
+def check_leaf(cls: type, dotted: str, value: Any, source: str) -> None:
+    """Check one dotted key's value against its field's type and rule (an unknown key is left to
+    :func:`from_dict`, which names it with the known ones)."""
+    hint: Any = cls
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(hint):
+            return
+        hints = typing.get_type_hints(hint, include_extras=True)
+        if part not in hints:
+            return
+        hint = hints[part]
+    if not dataclasses.is_dataclass(hint):
+        _convert(hint, list(value) if isinstance(value, tuple) else value, source, dotted)
 
 
 def with_overrides(base: T, overrides: dict[str, Any], source: str) -> T:
@@ -82,7 +177,7 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "config", prefix
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"{source}: unknown key '{prefix}{unknown[0]}' (known: {', '.join(fields)})")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     values = {}
     for name, field in fields.items():
         key = f"{prefix}{name}"
@@ -99,15 +194,24 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "config", prefix
         raise ConfigError(f"{source}: {prefix.rstrip('.') or cls.__name__}: {err}") from err
 
 
-def _convert(hint: Any, value: Any, source: str, key: str) -> Any:
+def _convert(hint: Any, value: Any, source: str, key: str, nullable: bool = False) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    if origin is typing.Annotated:
+        # A number's rule names its range when it refuses NaN or inf, so it is checked there.
+        value = _float(value, source, key) if args[0] is float else _convert(args[0], value, source, key)
+        for rule in (item for item in hint.__metadata__ if isinstance(item, (Range, Name))):
+            reason = rule.refusal(value)
+            if reason:
+                raise ConfigError(f"{source}: '{key}' must be {reason}{' or null' if nullable else ''}, "
+                                  f"got {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         options = [a for a in args if a is not type(None)]
         if len(options) == 1:
-            return _convert(options[0], value, source, key)
+            return _convert(options[0], value, source, key, nullable=len(args) > 1)
         raise ConfigError(f"{source}: '{key}' has an unsupported union type {hint}")
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, source, prefix=f"{key}.")
@@ -129,9 +233,10 @@ def _convert(hint: Any, value: Any, source: str, key: str) -> Any:
             raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}")
         return {str(k): _convert(args[1], v, source, f"{key}.{k}") for k, v in value.items()}
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
-        return float(value)
+        number = _float(value, source, key)
+        if not math.isfinite(number):
+            raise ConfigError(f"{source}: '{key}' must be a finite number, got {value!r}")
+        return number
     if hint is bool or hint is int:
         if type(value) is not hint:
             raise ConfigError(f"{source}: '{key}' must be {hint.__name__}, got {value!r}")
@@ -145,3 +250,13 @@ def _convert(hint: Any, value: Any, source: str, key: str) -> Any:
             raise ConfigError(f"{source}: '{key}' must be a path string, got {value!r}")
         return Path(value)
     raise ConfigError(f"{source}: '{key}' has an unsupported type {hint}")
+
+
+def _float(value: Any, source: str, key: str) -> float:
+    """A number as a float (an integer too large for one becomes inf); NaN and inf pass."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf

@@ -1,44 +1,49 @@
 """Training configuration: ``configs/train.yaml`` read into frozen dataclasses.
 
 The same dotted keys are what Tune search spaces name (``loss.lambda1``, ``optim.lr``, ...).
+Every number declares its range and every name its rule in the annotation
+(:class:`pipeline.config.Range`, :data:`pipeline.config.NAME`); loading enforces them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 from models.losses import NUM_RESAMPLED, WING_EPSILON, WING_OMEGA
 from models.registry import ARCHITECTURES
+from pipeline.config import NAME, Range
+
+# Seeds go to numpy (below 2**32) as well as torch.
+SEED_RANGE = Range(ge=0, lt=2**32)
+AT_LEAST_1 = Range(ge=1)
+POSITIVE = Range(gt=0)
+NON_NEGATIVE = Range(ge=0)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str = "mobile-frnet"
-    width: float = 1.0
+    width: Annotated[float, POSITIVE] = 1.0
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"arch must be one of {sorted(ARCHITECTURES)}, got {self.arch!r}")
-        if self.width <= 0:
-            raise ValueError(f"width must be > 0, got {self.width}")
 
 
 @dataclass(frozen=True)
 class LossConfig:
     """``lambda1 * WPDC + lambda2 * Wing(omega, epsilon)``."""
 
-    lambda1: float = 1.0
-    lambda2: float = 0.05
-    omega: float = WING_OMEGA
-    epsilon: float = WING_EPSILON
-    num_resampled: int = NUM_RESAMPLED
+    lambda1: Annotated[float, NON_NEGATIVE] = 1.0
+    lambda2: Annotated[float, NON_NEGATIVE] = 0.05
+    omega: Annotated[float, POSITIVE] = WING_OMEGA
+    epsilon: Annotated[float, POSITIVE] = WING_EPSILON
+    num_resampled: Annotated[int, NON_NEGATIVE] = NUM_RESAMPLED
 
     def __post_init__(self) -> None:
-        if self.lambda1 < 0 or self.lambda2 < 0 or self.lambda1 + self.lambda2 == 0:
-            raise ValueError(f"need lambda1, lambda2 >= 0 and not both 0, got {self.lambda1}, {self.lambda2}")
-        if self.omega <= 0 or self.epsilon <= 0:
-            raise ValueError(f"Wing needs omega > 0 and epsilon > 0, got {self.omega}, {self.epsilon}")
+        if self.lambda1 + self.lambda2 == 0:
+            raise ValueError(f"lambda1 and lambda2 cannot both be 0, got {self.lambda1}, {self.lambda2}")
 
 
 @dataclass(frozen=True)
@@ -46,24 +51,21 @@ class OptimConfig:
     """3DDFA's recipe by default (SGD Nesterov, warm-up, x0.2 steps); AdamW + cosine as option."""
 
     name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.02
-    momentum: float = 0.9
+    lr: Annotated[float, POSITIVE] = 0.02
+    momentum: Annotated[float, Range(ge=0, lt=1)] = 0.9
     nesterov: bool = True
-    weight_decay: float = 5e-4
-    warmup_epochs: int = 5
-    warmup_factor: float = 0.2  # lr * factor during the warm-up epochs
-    milestones: tuple[int, ...] = (30, 40)  # sgd: epochs where lr is multiplied by gamma
-    gamma: float = 0.2
+    weight_decay: Annotated[float, NON_NEGATIVE] = 5e-4
+    warmup_epochs: Annotated[int, NON_NEGATIVE] = 5
+    warmup_factor: Annotated[float, Range(gt=0, le=1)] = 0.2  # lr * factor during the warm-up epochs
+    # sgd: epochs where lr is multiplied by gamma
+    milestones: tuple[Annotated[int, AT_LEAST_1], ...] = (30, 40)
+    gamma: Annotated[float, Range(gt=0, le=1)] = 0.2
     # The global batch (workers x data.batch_size) ``lr`` was tuned for, and how lr follows
     # another: linear (lr x global / reference, with the warm-up above) or none.
-    reference_batch: int = 256
+    reference_batch: Annotated[int, AT_LEAST_1] = 256
     lr_scaling: Literal["linear", "none"] = "none"
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.reference_batch < 1:
-            raise ValueError(f"reference_batch must be >= 1, got {self.reference_batch}")
         if list(self.milestones) != sorted(self.milestones):
             raise ValueError(f"milestones must increase, got {list(self.milestones)}")
 
@@ -76,27 +78,20 @@ SHUFFLE_SPREAD = 8
 @dataclass(frozen=True)
 class DataConfig:
     shards: str = "data/shards"  # a `frnet preprocess` output folder or URI
-    batch_size: int = 128  # per worker
+    batch_size: Annotated[int, AT_LEAST_1] = 128  # per worker
     # Rows per worker in the local shuffle buffer; None sizes it from the data (shuffle_rows).
-    shuffle_buffer: int | None = None
+    shuffle_buffer: Annotated[int, AT_LEAST_1] | None = None
     shuffle_files: bool = True  # a new seeded order of the training shards every epoch
-    max_batches: int | None = None  # per worker and epoch, training and validation; None: all
-    eval_batch_size: int = 256
+    # Per worker and epoch, training and validation; None: all.
+    max_batches: Annotated[int, AT_LEAST_1] | None = None
+    eval_batch_size: Annotated[int, AT_LEAST_1] = 256
     # Decode the crops once into Ray's object store and train every epoch from there: for sets
     # that fit in memory (43 KB a crop decoded, against about 5.5 KB as JPEG in the shards).
     cache_decoded: bool = False
     # Object-store memory (MiB, all workers together) Ray Data may fill with decoded crops ahead
     # of the training workers (a shard file decodes to about 40 MiB); None: Ray's own limit, a
     # share of the whole object store.
-    read_ahead_mib: int | None = 2048
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("shuffle_buffer", "max_batches", "read_ahead_mib"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1 or null, got {getattr(self, name)}")
+    read_ahead_mib: Annotated[int, AT_LEAST_1] | None = 2048
 
     def shuffle_rows(self, crops_per_source: int) -> int:
         """The local shuffle buffer in rows: as set, or enough that the crops one source gives
@@ -107,25 +102,30 @@ class DataConfig:
 
 
 def check_extra_resources(resources: dict[str, float]) -> None:
-    """Extra resources per worker: not CPU or GPU (their own keys set those), none negative."""
-    for name, amount in resources.items():
+    """Extra resources per worker: not CPU or GPU (their own keys set those); the amounts' range
+    is :data:`RESOURCE_AMOUNT`'s."""
+    for name in resources:
         if name in ("CPU", "GPU"):
             raise ValueError(f"resources_per_worker: set {name} with {name.lower()}s_per_worker")
-        if amount < 0:
-            raise ValueError(f"resources_per_worker.{name} must be >= 0, got {amount}")
+
+
+# Custom resources per worker (`ray start --resources`): amounts >= 0.
+RESOURCE_AMOUNT = NON_NEGATIVE
 
 
 @dataclass(frozen=True)
 class ScalingConfig:
-    num_workers: int = 2
+    num_workers: Annotated[int, AT_LEAST_1] = 2
     use_gpu: bool = False
-    cpus_per_worker: float = 0.4  # leave CPUs to Ray Data: reserving them all stalls its reads
-    gpus_per_worker: float = 1.0  # with use_gpu; a fraction lets small trials share a GPU
+    # Leave CPUs to Ray Data: reserving them all stalls its reads; 0 would let workers pile up.
+    cpus_per_worker: Annotated[float, POSITIVE] = 0.4
+    # With use_gpu; a fraction lets small trials share a GPU.
+    gpus_per_worker: Annotated[float, POSITIVE] = 1.0
     # Ray placement of the workers: PACK fills one node first; SPREAD puts them on different nodes.
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     # More Ray resources per worker, beyond CPU and GPU: custom resources nodes declare with
     # `ray start --resources`, to choose the nodes a run may use.
-    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    resources_per_worker: dict[str, Annotated[float, RESOURCE_AMOUNT]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_extra_resources(self.resources_per_worker)
@@ -133,17 +133,19 @@ class ScalingConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    name: str = "mobile-frnet"  # one run per name; `frnet train --resume` continues an unfinished one
+    # One run per name; `frnet train --resume` continues an unfinished one. It names the run's
+    # folder and model file, so it is a NAME: no path separators.
+    name: Annotated[str, NAME] = "mobile-frnet"
     storage_path: str = ""  # empty: RUN_DIR/ray; shared storage (s3://, NFS) on a cluster
-    max_failures: int = 2
-    keep_checkpoints: int = 3  # the best by validation NME
+    max_failures: Annotated[int, Range(ge=-1)] = 2  # Ray's FailureConfig: -1 retries forever
+    keep_checkpoints: Annotated[int, AT_LEAST_1] = 3  # the best by validation NME
 
 
 @dataclass(frozen=True)
 class MlflowConfig:
     tracking_uri: str = ""  # empty: sqlite:///<abs run dir>/mlflow.db
-    experiment: str = "mobile-frnet"
-    registered_model: str = "mobile-frnet"
+    experiment: Annotated[str, NAME] = "mobile-frnet"
+    registered_model: Annotated[str, NAME] = "mobile-frnet"
 
 
 def effective_lr(optim: OptimConfig, global_batch: int) -> float:
@@ -162,8 +164,8 @@ class TrainConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     run: RunConfig = field(default_factory=RunConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
-    epochs: int = 50
-    seed: int = 0
+    epochs: Annotated[int, AT_LEAST_1] = 50
+    seed: Annotated[int, SEED_RANGE] = 0
     deterministic: bool = False  # torch deterministic algorithms (slower)
     bf16: bool = True  # autocast on GPU
     channels_last: bool = True  # on GPU
@@ -176,7 +178,3 @@ class TrainConfig:
     def lr(self) -> float:
         """The effective learning rate (:func:`effective_lr` at this config's global batch)."""
         return effective_lr(self.optim, self.global_batch)
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")

@@ -3,7 +3,8 @@ search space file ``tune_spaces/NAME.yaml`` (distributions, scheduler, searcher)
 
 Search-space keys are the dotted keys of :class:`pipeline.train_config.TrainConfig`
 (``loss.lambda1``, ``optim.lr``, ...); every bound and value is checked by building a
-``TrainConfig`` with it, so a space cannot name a key or a value that training would refuse.
+``TrainConfig`` with it, so a space cannot name a key or a value that training would refuse:
+the same types, ranges (NaN and inf never) and name rules as a training config file.
 """
 
 from __future__ import annotations
@@ -13,49 +14,60 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pipeline.config import ConfigError, from_dict, load_config, read_yaml_mapping, with_overrides
-from pipeline.train_config import TrainConfig, check_extra_resources
+from pipeline.config import (
+    ConfigError,
+    Name,
+    Range,
+    from_dict,
+    load_config,
+    read_yaml_mapping,
+    with_overrides,
+)
+from pipeline.train_config import (
+    AT_LEAST_1,
+    POSITIVE,
+    RESOURCE_AMOUNT,
+    SEED_RANGE,
+    TrainConfig,
+    check_extra_resources,
+)
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
 # Keys a sweep sets itself (trial names, resources, the store) or that would change the data.
 NOT_SEARCHABLE = ("run.", "mlflow.", "scaling.", "data.shards", "epochs")
+# A trial's training run is named "<sweep>-<trial id>" (Tune's ids: 11 characters), and that name
+# must pass run.name's rule (128 characters).
+SWEEP_NAME = Name(max_length=100)
 
 
 @dataclass(frozen=True)
 class TrialResources:
     """What one trial (one Ray Train run) asks for."""
 
-    num_workers: int = 2
-    cpus_per_worker: float = 0.4  # leave CPUs to Ray Data (see configs/train.yaml)
-    gpus_per_worker: float = 0.0  # > 0 trains on GPU; a fraction lets trials share one GPU
+    num_workers: Annotated[int, AT_LEAST_1] = 2
+    cpus_per_worker: Annotated[float, POSITIVE] = 0.4  # leave CPUs to Ray Data (see configs/train.yaml)
+    # > 0 trains on GPU; a fraction lets trials share one GPU.
+    gpus_per_worker: Annotated[float, Range(ge=0)] = 0.0
     # Custom node resources per worker (scaling.resources_per_worker): with one unit per node and
     # one worker per trial, one trial per node.
-    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    resources_per_worker: dict[str, Annotated[float, RESOURCE_AMOUNT]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_extra_resources(self.resources_per_worker)
-        if self.num_workers < 1:
-            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
-        if self.cpus_per_worker < 0 or self.gpus_per_worker < 0:
-            raise ValueError("cpus_per_worker and gpus_per_worker must be >= 0")
 
 
 @dataclass(frozen=True)
 class SweepConfig:
-    name: str = "frnet-sweep"  # the Tune experiment; `--resume` continues the one of this name
+    # The Tune experiment (its folder, its best model file); `--resume` continues the one of this name.
+    name: Annotated[str, SWEEP_NAME] = "frnet-sweep"
     train_config: str = "train.yaml"  # the base training config, relative to this file
-    epochs: int = 30  # per trial; ASHA's max_t
+    epochs: Annotated[int, AT_LEAST_1] = 30  # per trial; ASHA's max_t
     trial: TrialResources = field(default_factory=TrialResources)
-    max_concurrent_trials: int = 1
+    max_concurrent_trials: Annotated[int, AT_LEAST_1] = 1
     storage_path: str = ""  # empty: RUN_DIR/ray; shared storage (s3://, NFS) on a cluster
     register: bool = True  # evaluate the best trial on AFLW2000-3D and register it
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.max_concurrent_trials < 1:
-            raise ValueError(f"epochs and max_concurrent_trials must be >= 1, got "
-                             f"{self.epochs}, {self.max_concurrent_trials}")
 
 
 @dataclass(frozen=True)
@@ -73,19 +85,24 @@ class Dimension:
 @dataclass(frozen=True)
 class SchedulerSpec:
     name: Literal["asha", "fifo"] = "asha"
-    grace_period: int = 1  # epochs before a trial can be stopped
-    reduction_factor: float = 3.0  # keep the best 1/reduction_factor at each rung
-
-    def __post_init__(self) -> None:
-        if self.grace_period < 1 or self.reduction_factor <= 1:
-            raise ValueError(f"need grace_period >= 1 and reduction_factor > 1, got "
-                             f"{self.grace_period}, {self.reduction_factor}")
+    grace_period: Annotated[int, AT_LEAST_1] = 1  # epochs before a trial can be stopped
+    # Keep the best 1/reduction_factor at each rung.
+    reduction_factor: Annotated[float, Range(gt=1)] = 3.0
 
 
 @dataclass(frozen=True)
 class SearcherSpec:
     name: Literal["random"] = "random"  # Tune's random search (grid dimensions run in order)
-    seed: int = 0
+    seed: Annotated[int, SEED_RANGE] = 0
+
+
+@dataclass(frozen=True)
+class SpaceSettings:
+    """A space file's keys besides ``space``."""
+
+    num_samples: Annotated[int, AT_LEAST_1] = 8
+    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    searcher: SearcherSpec = field(default_factory=SearcherSpec)
 
 
 @dataclass(frozen=True)
@@ -95,6 +112,11 @@ class SearchSpace:
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     searcher: SearcherSpec = field(default_factory=SearcherSpec)
     source: str = ""
+
+    def __post_init__(self) -> None:  # built here from a file, or with `frnet tune --num-samples`
+        if type(self.num_samples) is not int or AT_LEAST_1.refusal(self.num_samples):
+            raise ConfigError(f"{self.source}: 'num_samples' must be an integer {AT_LEAST_1.describe()}, "
+                              f"got {self.num_samples!r}")
 
 
 def load_sweep_config(path: Path, overrides: dict[str, Any] | None = None) -> SweepConfig:
@@ -110,20 +132,16 @@ def load_space(path: Path, base: TrainConfig) -> SearchSpace:
     """Read and check a search space file against the training config it will modify."""
     source = str(path)
     data = read_yaml_mapping(Path(path))
-    known = {"space", "num_samples", "scheduler", "searcher"}
-    unknown = sorted(set(data) - known)
+    known = ["space", *(item.name for item in dataclasses.fields(SpaceSettings))]
+    unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(f"{source}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
-    raw_space = data.get("space")
+    raw_space = data.pop("space", None)
     if not isinstance(raw_space, dict) or not raw_space:
         raise ConfigError(f"{source}: 'space' must map at least one training key to a distribution")
     dimensions = {key: _dimension(key, spec, base, source) for key, spec in raw_space.items()}
-    num_samples = data.get("num_samples", 8)
-    if type(num_samples) is not int or num_samples < 1:
-        raise ConfigError(f"{source}: 'num_samples' must be an integer >= 1, got {num_samples!r}")
-    scheduler = from_dict(SchedulerSpec, data.get("scheduler", {}), source, prefix="scheduler.")
-    searcher = from_dict(SearcherSpec, data.get("searcher", {}), source, prefix="searcher.")
-    return SearchSpace(dimensions, num_samples, scheduler, searcher, source)
+    settings = from_dict(SpaceSettings, data, source)
+    return SearchSpace(dimensions, settings.num_samples, settings.scheduler, settings.searcher, source)
 
 
 def leaf_keys(cls: type = TrainConfig, prefix: str = "") -> dict[str, Any]:
@@ -167,7 +185,7 @@ def _dimension(key: str, spec: Any, base: TrainConfig, source: str) -> Dimension
         raise ConfigError(f"{where}: '{distribution}' takes 'low' and 'high' (no values)")
     low, high = spec["low"], spec["high"]
     for name, bound in (("low", low), ("high", high)):
-        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound):
+        if not _finite_number(bound):
             raise ConfigError(f"{where}: '{name}' must be a finite number, got {bound!r}")
     if low >= high:
         raise ConfigError(f"{where}: low must be below high, got low={low}, high={high}")
@@ -187,9 +205,21 @@ def _dimension(key: str, spec: Any, base: TrainConfig, source: str) -> Dimension
     return Dimension(distribution, low=low, high=high)
 
 
+def _finite_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
 def _checked_value(key: str, value: Any, base: TrainConfig, where: str) -> Any:
+    """``value`` if a training config takes it at ``key`` (its type, range or name rule, and the
+    checks across keys), else a ConfigError naming the space file, the key and the rule."""
     try:
         with_overrides(base, {key: value}, source=where)
     except ConfigError as err:
-        raise ConfigError(f"{where}: value {value!r} is refused ({err})") from err
+        reason = str(err).removeprefix(f"{where}: ")
+        raise ConfigError(f"{where}: value {value!r} is refused: {reason}") from err
     return value

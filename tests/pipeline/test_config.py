@@ -68,10 +68,12 @@ def test_resources_per_worker_reach_the_trial(tmp_path):
     from pipeline.tune_config import SweepConfig
 
     path = tmp_path / "train.yaml"
-    for value, message in (({"GPU": 1}, "resources_per_worker: set GPU with gpus_per_worker"),
-                           ({"trial_slot": -1}, r"resources_per_worker.trial_slot must be >= 0, got -1")):
+    for value, message in (
+            ({"GPU": 1}, "scaling: resources_per_worker: set GPU with gpus_per_worker"),
+            ({"trial_slot": -1}, r"'scaling.resources_per_worker.trial_slot' must be a finite number >= 0, "
+                                 r"got -1.0")):
         path.write_text(yaml.safe_dump({"scaling": {"resources_per_worker": value}}))
-        with pytest.raises(ConfigError, match=f"train.yaml: scaling: {message}"):
+        with pytest.raises(ConfigError, match=f"train.yaml: {message}"):
             load_config(path, TrainConfig)
     sweep = from_dict(SweepConfig, {"trial": {"num_workers": 1, "resources_per_worker": {"trial_slot": 1}}})
     context = SweepContext(name="s", run_dir=str(tmp_path), storage=str(tmp_path / "ray"),
@@ -112,5 +114,5 @@ def test_the_read_ahead_bound_reaches_ray_train():
     assert ingest_options(DataConfig(read_ahead_mib=None)).resource_limits.object_store_memory == ray_default
     shipped = load_config(REPO_ROOT / "configs" / "train.yaml", TrainConfig)
     assert shipped.data.read_ahead_mib == 2048
-    with pytest.raises(ConfigError, match="read_ahead_mib must be >= 1 or null, got 0"):
+    with pytest.raises(ConfigError, match="^config: 'data.read_ahead_mib' must be >= 1 or null, got 0$"):
         from_dict(TrainConfig, {"data": {"read_ahead_mib": 0}})

@@ -76,7 +76,7 @@ def test_bad_space_entries_name_the_key(tmp_path, entry, message):
     ("scheduler: {name: hyperband}\nspace: {loss.omega: {distribution: uniform, low: 1, high: 2}}\n",
      "'scheduler.name' must be one of"),
     ("scheduler: {reduction_factor: 1}\nspace: {loss.omega: {distribution: uniform, low: 1, high: 2}}\n",
-     "reduction_factor > 1"),
+     "'scheduler.reduction_factor' must be a finite number > 1, got 1.0"),
     ("searcher: {name: bayes}\nspace: {loss.omega: {distribution: uniform, low: 1, high: 2}}\n",
      "'searcher.name' must be one of"),
 ])
