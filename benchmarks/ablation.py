@@ -53,6 +53,7 @@ from models.face_models import load_face_model
 from models.predictor import MeanFacePredictor
 from models.registry import ARCHITECTURES, build_model, count_complexity
 from pipeline.common import progress_logger, setup_logging, write_json
+from pipeline.config import from_dict
 from pipeline.scoring import score_shards
 from pipeline.tracking import TrackingTarget, metric_history
 from pipeline.train_config import (
@@ -152,7 +153,7 @@ def optimiser(name: str, epochs: int) -> OptimConfig:
 def base_config(shards: Path, args: argparse.Namespace) -> TrainConfig:
     """The training config every arch shares; :func:`arch_config` sets the arch and names.
     Wing's weight is the demo's 0.01: in crop pixels Wing is ~100x WPDC early on."""
-    return TrainConfig(
+    config = TrainConfig(
         epochs=args.epochs, seed=args.seed, optim=optimiser(args.optim, args.epochs),
         loss=LossConfig(lambda2=0.01),
         data=DataConfig(shards=str(shards), batch_size=args.batch_size, cache_decoded=True),
@@ -160,6 +161,8 @@ def base_config(shards: Path, args: argparse.Namespace) -> TrainConfig:
         run=RunConfig(max_failures=0),  # a failure should show, not be retried into the wall time
         mlflow=MlflowConfig(experiment="ablation"),
     )
+    # Built from flags, so checked as a file would be (ranges, names).
+    return from_dict(TrainConfig, asdict(config), source="command line")
 
 
 def arch_config(base: TrainConfig, arch: str, stamp: str) -> TrainConfig:

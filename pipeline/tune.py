@@ -25,6 +25,7 @@ from pipeline.console import run_main
 from pipeline.paths import input_location, input_path
 from pipeline.ray_runtime import RayStartError, start_ray
 from pipeline.sweep import SweepInterrupted, SweepRequest, tune_sweep
+from pipeline.tune_config import load_sweep_config
 
 LOG = logging.getLogger("frnet.tune")
 
@@ -74,6 +75,14 @@ def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def check_request(request: SweepRequest) -> None:
+    """The sweep config with the flags over it, and ``--num-samples``, checked before Ray starts."""
+    flags = (("name", request.name), ("epochs", request.epochs), ("storage_path", request.storage))
+    load_sweep_config(request.config, {key: value for key, value in flags if value is not None})
+    if request.num_samples is not None and request.num_samples < 1:
+        raise ConfigError(f"--num-samples: must be >= 1, got {request.num_samples}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
@@ -83,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                                run_dir=args.run_dir, storage=args.storage, name=args.name,
                                shards=args.shards and input_location(args.shards, "--shards"),
                                epochs=args.epochs, num_samples=args.num_samples, resume=args.resume)
+        check_request(request)
         start_ray(args.num_cpus, logging_level=logging.WARNING)
     except (ConfigError, RayStartError) as err:
         LOG.error("%s", err)
