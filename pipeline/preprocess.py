@@ -6,8 +6,9 @@
         --input s3://... --output s3://...
 
 Runs on the Ray cluster it finds (RAY_ADDRESS, or a running local one), else starts a local one.
-Bad files go to a quarantine table; ``--strict`` stops at the first instead. A killed run,
-started again with the same arguments, finishes the missing shards only.
+Bad files go to a quarantine table; ``--strict`` stops at the first instead, with one line naming
+the file and the reason (exit status 1). A killed run, started again with the same arguments,
+finishes the missing shards only.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -50,6 +52,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# How a DatasetError reads in a task's traceback text: "preprocessing.errors.<class>: <file>: <reason>".
+_DATASET_ERROR_LINE = re.compile(r"^preprocessing\.errors\.\w+: (.+)$", re.MULTILINE)
+
+
+def bad_file_line(err: BaseException) -> str | None:
+    """``<file>: <reason>`` of the bad-file error a Ray failure carries, or None.
+
+    A Ray task's error arrives as a RayTaskError whose ``cause`` is the error itself; Ray Data
+    wraps it further in a UserCodeException whose own cause is not sent back to the driver, so
+    there the error is found in the task's traceback text.
+    """
+    pending: list[BaseException | None] = [err]
+    seen: set[int] = set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ray.exceptions.RayTaskError):  # before DatasetError: it may subclass it
+            pending.append(current.cause)
+        elif isinstance(current, DatasetError):
+            return str(current)
+        pending += [current.__cause__, current.__context__]
+    lines = _DATASET_ERROR_LINE.findall(str(err))
+    return lines[-1] if lines else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
@@ -73,20 +102,23 @@ def main(argv: list[str] | None = None) -> int:
     except OutputExistsError as err:  # shards of another config or input: --overwrite
         LOG.error("%s", err)
         return 2
-    except (DatasetError, FileNotFoundError, ValueError) as err:
+    except (DatasetError, FileNotFoundError, ValueError) as err:  # --strict: the first bad file
         LOG.error("%s", err)
         return 1
-    except ray.exceptions.RayTaskError as err:  # --strict: the first bad file stops the run
-        cause = err.as_instanceof_cause()
-        LOG.error("%s", cause if isinstance(cause, DatasetError) else err)
+    except ray.exceptions.RayError as err:  # a bad file raised inside a Ray task: one line too
+        line = bad_file_line(err)
+        if line is None:
+            raise
+        LOG.error("%s", line)
         return 1
     counts = manifest.counts
     print(f"\n{counts['inputs']} source files: {counts['written']} written, "
-          f"{counts['quarantined']} quarantined; rows: {json.dumps(counts['rows'])}")
+          f"{counts['quarantined']} quarantined, {counts['skipped']} skipped; "
+          f"rows: {json.dumps(counts['rows'])}")
     if manifest.aflw2000 is not None:
         aflw = manifest.aflw2000.counts
         print(f"AFLW2000-3D: {aflw['inputs']} files: {aflw['written']} written, "
-              f"{aflw['quarantined']} quarantined")
+              f"{aflw['quarantined']} quarantined, {aflw['skipped']} skipped")
     print(f"Manifest: {manifest.output}/{MANIFEST_FILE}")
     figures = {"counts": counts, "bytes_per_image": mean_bytes_per_image(*resolve(args.output)),
                "image_format": manifest.image_format}

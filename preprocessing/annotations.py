@@ -7,6 +7,7 @@ reason; nothing is silently skipped here (callers decide whether to quarantine o
 from __future__ import annotations
 
 import io
+import struct
 import zlib
 from dataclasses import dataclass
 
@@ -29,6 +30,16 @@ _JPEG_SOI = b"\xff\xd8"
 _JPEG_EOI = b"\xff\xd9"
 # A complete JPEG ends with EOI; some writers append a few padding bytes after it.
 _JPEG_TAIL_SEARCH = 64
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG frame headers (SOF0..SOF15) carry the size; C4 (DHT), C8 (JPG) and CC (DAC) share the range.
+_JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# Markers without a length field: TEM, RST0..7, SOI, EOI.
+_JPEG_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xDA)})
+_JPEG_SOS = 0xDA
+# Largest image side decoded by default. 300W-LP and AFLW2000-3D images are 450x450; a side of
+# 8,000 px (192 MB decoded as BGR) admits any camera photo of a face and refuses the headers that
+# claim tens of thousands of pixels to make a decoder allocate gigabytes.
+MAX_IMAGE_SIDE_PX = 8000
 
 
 @dataclass(frozen=True)
@@ -66,7 +77,7 @@ def parse_mat(data: bytes, path: str, require_pt3d: bool = False) -> MatAnnotati
     try:
         raw = scipy.io.loadmat(io.BytesIO(data))
     except (MatReadError, ValueError, TypeError, OSError, EOFError, IndexError, KeyError,
-            zlib.error) as err:
+            NotImplementedError, zlib.error) as err:  # NotImplementedError: a v7.3 (HDF5) file
         raise CorruptAnnotationError(path, f"not a readable MAT file ({type(err).__name__}: {err})") from err
     fields: dict[str, np.ndarray] = {}
     for key, min_size in LABEL_FIELDS.items():
@@ -113,15 +124,85 @@ def _numeric(path: str, key: str, value: object) -> np.ndarray:
     return array
 
 
-def decode_image(data: bytes, path: str) -> np.ndarray:
-    """Decode encoded image bytes to (H, W, 3) uint8 BGR; a truncated JPEG is an error."""
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header, walking the marker segments before it."""
+    at = 2
+    while at + 4 <= len(data):
+        if data[at] != 0xFF:
+            return None
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            at += 1
+            continue
+        if marker in _JPEG_STANDALONE_MARKERS:
+            at += 2
+            continue
+        if marker == _JPEG_SOS:  # the scan starts: no frame header came before it
+            return None
+        (length,) = struct.unpack(">H", data[at + 2:at + 4])
+        if marker in _JPEG_SOF_MARKERS:
+            if at + 9 > len(data):
+                return None
+            height, width = struct.unpack(">HH", data[at + 5:at + 9])
+            return width, height
+        if length < 2:
+            return None
+        at += 2 + length
+    return None
+
+
+def image_header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) a JPEG (frame header) or PNG (IHDR) claims, read without decoding; None
+    for any other format or a header that does not parse."""
+    if data[:2] == _JPEG_SOI:
+        return _jpeg_size(data)
+    if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) >= 24:
+        width, height = struct.unpack(">II", data[16:24])
+        return width, height
+    return None
+
+
+def check_image_header(data: bytes, path: str, max_side: int = MAX_IMAGE_SIDE_PX) -> tuple[int, int]:
+    """The (width, height) of a JPEG or PNG, from its header alone; a CorruptImageError for an
+    empty, truncated or unknown file, a header without a size, or a side beyond ``max_side``."""
     if not data:
         raise CorruptImageError(path, "empty file")
     if data[:2] == _JPEG_SOI and _JPEG_EOI not in data[-_JPEG_TAIL_SEARCH:]:
         raise CorruptImageError(path, "truncated JPEG (no end-of-image marker)")
-    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    size = image_header_size(data)
+    if size is None:
+        kind = "a JPEG without a frame header" if data[:2] == _JPEG_SOI else \
+            "a PNG without an IHDR header" if data[:8] == _PNG_SIGNATURE else \
+            f"neither JPEG nor PNG (starts with {data[:8]!r})"
+        raise CorruptImageError(path, f"not a decodable image ({kind})")
+    width, height = size
+    if min(width, height) == 0:
+        raise CorruptImageError(path, f"not a decodable image (header gives a {width}x{height} px size)")
+    if max(width, height) > max_side:
+        raise CorruptImageError(path, f"image header claims {width}x{height} px, beyond the ceiling of "
+                                      f"{max_side} px a side (max_image_side); not decoded")
+    return width, height
+
+
+def decode_image(data: bytes, path: str, max_side: int = MAX_IMAGE_SIDE_PX) -> np.ndarray:
+    """Decode JPEG or PNG bytes to (H, W, 3) uint8 BGR, after :func:`check_image_header`.
+
+    Every decoder failure is a CorruptImageError. EXIF orientation is ignored: the annotations
+    were made on the stored pixel array (MATLAB's ``imread`` does not rotate), and the decoded size
+    is then the header's.
+    """
+    width, height = check_image_header(data, path, max_side)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8),
+                             cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    except cv2.error as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise CorruptImageError(path, f"not a decodable image (OpenCV: {reason})") from err
     if image is None:
         raise CorruptImageError(path, "not a decodable image")
+    if image.shape[:2] != (height, width):
+        raise CorruptImageError(path, f"decodes to {image.shape[1]}x{image.shape[0]} px but its header "
+                                      f"says {width}x{height} px")
     return image
 
 

@@ -6,7 +6,10 @@
 The sorted file list is cut into shards of ``sources_per_shard`` files. Ray Data runs one task
 per shard (``map_batches`` over the shard list, one shard a batch); inside it the shard's files
 stream through in batches of ``batch_size``, each batch appended as row groups to the shard's
-train / val / quarantine files, which are renamed into place only when complete. A shard whose
+train / val / quarantine files, which are renamed into place only when complete. A batch reads
+its files and image headers and plans its crops together, but decodes its images one at a time,
+each dropped once cropped: a task holds one decoded image (at most ``max_image_side`` squared
+by 3 bytes), whatever the batch size. A shard whose
 completion record exists (same config) is skipped, so a killed run resumes without duplicates.
 Each task also returns the (count, mean, M2) moments of the labels it wrote to its training
 shard (as stored, float32); the driver merges them into the whitening statistics.
@@ -28,13 +31,13 @@ import numpy as np
 import pyarrow.fs as pafs
 import ray
 
-from models.frame import box_transform, crop_image, landmark_crop_box
+from models.frame import box_transform, crop_image, landmark_crop_box, reflect
 from models.mirror import mirror_map
 from models.morphable import MorphableModel
 from models.params import NUM_PARAMS, ParamStats, pose_angles
-from preprocessing.annotations import MatAnnotation
+from preprocessing.annotations import MAX_IMAGE_SIDE_PX, MatAnnotation
 from preprocessing.augment import AugmentConfig, AugmentedCrop, plan_crops, render_crops
-from preprocessing.datasets import SampleRef, read_annotation, read_image, resolve
+from preprocessing.datasets import EncodedImage, SampleRef, read_annotation, read_encoded_image, resolve
 from preprocessing.errors import DatasetError, InvalidValueError
 from preprocessing.labels import (
     annotation_arrays,
@@ -57,6 +60,13 @@ from preprocessing.shards import (
 LOG = logging.getLogger(__name__)
 # Landmark spread below this (crop pixels) is no face: a degenerate annotation.
 MIN_LANDMARK_EXTENT_PX = 2.0
+# How far landmarks may lie outside their image, as a fraction of the face's size (the larger side
+# of their bounding box). AFLW2000-3D's own ground truth has faces cut by the frame: image02156's
+# landmarks reach 108 px (18.5% of its 582 px face) past its 450 px image, 21% with the synthetic
+# head's landmarks; an image at half the size its .mat was made for leaves about half the face
+# outside. (The .mat's ``roi`` is not checked: real files' boxes run past the image, e.g.
+# [53, -166, 638, 419] for the 450x450 300W-LP sample.)
+LANDMARKS_OUTSIDE_MAX = 0.3
 
 
 @dataclass(frozen=True)
@@ -73,13 +83,15 @@ class PreprocessConfig:
     # one after another, subset by subset; shards of consecutive files would each hold a few faces).
     shuffle_sources: bool = True
     sources_per_shard: int = 256  # source images a shard file and a Ray task (BENCHMARKS.md)
-    batch_size: int = 16  # source images decoded together inside a shard task
+    batch_size: int = 16  # source images whose crops are planned together inside a shard task
     num_cpus_per_task: float = 1.0
+    # Largest image side decoded; a header claiming more is quarantined unread (docs/shards.md).
+    max_image_side: int = MAX_IMAGE_SIDE_PX
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        for name in ("sources_per_shard", "batch_size"):
+        for name in ("sources_per_shard", "batch_size", "max_image_side"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 1 <= self.jpeg_quality <= 100:
@@ -105,7 +117,25 @@ def _check_face(annotation: MatAnnotation, landmarks: np.ndarray) -> None:
                                 f"degenerate landmarks (extent {extent.round(2).tolist()} px)")
 
 
-def _relative(path: str, root: str) -> str:
+def _check_in_image(image: EncodedImage, landmarks: np.ndarray) -> None:
+    """Refuse (InvalidValueError) landmarks (3, 68) that lie outside the image by more than
+    LANDMARKS_OUTSIDE_MAX of the face's size: the image is not the one the .mat describes."""
+    x, y = landmarks[0], landmarks[1]
+    margin = LANDMARKS_OUTSIDE_MAX * np.ptp(landmarks[:2], axis=1).max()
+    if (x.min() >= 1 - margin and y.min() >= 1 - margin
+            and x.max() <= image.width + margin and y.max() <= image.height + margin):
+        return
+    # The .mat places rows from the image's bottom edge: the height it needs is its highest row.
+    needed = f"{int(np.ceil(x.max()))}x{int(np.ceil(reflect(y.min(), image.height)))}"
+    raise InvalidValueError(
+        image.path, f"image is {image.width}x{image.height} px but its annotation's landmarks need "
+                    f"{needed} px (they span x {x.min():.0f}..{x.max():.0f}, y {y.min():.0f}..{y.max():.0f} "
+                    f"here, more than {LANDMARKS_OUTSIDE_MAX:.0%} of the face outside): not the image "
+                    "the .mat was made for (resized?)")
+
+
+def relative_path(path: str, root: str) -> str:
+    """``path`` relative to the dataset root ``root`` (as quarantine tables name files)."""
     return path[len(root) + 1:] if path.startswith(root + "/") else path
 
 
@@ -135,7 +165,7 @@ class Face:
     ref: SampleRef
     source: str  # the .mat, relative to the input root
     annotation: MatAnnotation
-    image: np.ndarray  # (H, W, 3) uint8 BGR
+    image: EncodedImage  # decoded only when its crops are rendered
     pose: np.ndarray  # (7,) Pose_Para
     params: np.ndarray  # (62,) shape and expression parameters, P zero
     truth: np.ndarray  # (3, 68) landmarks in image coordinates
@@ -204,7 +234,8 @@ class ShardProcessor:
         def quarantine(err: DatasetError) -> None:
             if self.strict:
                 raise err
-            quarantined.append({"file": _relative(err.path, root), "stage": err.stage, "reason": err.reason})
+            quarantined.append({"file": relative_path(err.path, root), "stage": err.stage,
+                                "reason": err.reason})
             summary["quarantined"] += 1
 
         faces = self._read_faces(filesystem, root, batch, quarantine)
@@ -232,27 +263,30 @@ class ShardProcessor:
         writers["quarantine"].write_rows(quarantined)
 
     def _read_faces(self, filesystem, root: str, batch: list[SampleRef], quarantine) -> list[Face]:
-        """Read, decode and check a batch of sources; a bad one goes to ``quarantine``."""
+        """Read a batch of sources and their image headers (nothing decoded) and check them; a bad
+        one goes to ``quarantine``."""
         read = []
+        max_side = self.config.max_image_side
         for ref in batch:
             try:
                 annotation = read_annotation(filesystem, ref)
-                read.append((ref, annotation, read_image(filesystem, ref)))
+                read.append((ref, annotation, read_encoded_image(filesystem, ref, max_side)))
             except DatasetError as err:
                 quarantine(err)
         if not read:
             return []
         poses, params = annotation_arrays([annotation for _, annotation, _ in read])
-        heights = np.array([image.shape[0] for _, _, image in read])
+        heights = np.array([image.height for _, _, image in read])
         truths = posed_landmarks(self.model, poses, params, heights)
         faces = []
         for (ref, annotation, image), pose, param, truth in zip(read, poses, params, truths, strict=True):
             try:
                 _check_face(annotation, truth)
+                _check_in_image(image, truth)
             except DatasetError as err:
                 quarantine(err)
                 continue
-            source = _relative(ref.mat_path, root)
+            source = relative_path(ref.mat_path, root)
             faces.append(Face(ref, source, annotation, image, pose, param, truth))
         return faces
 
@@ -262,7 +296,7 @@ class ShardProcessor:
         if not faces:
             return []
         boxes = landmark_crop_box(np.stack([face.truth for face in faces]))
-        heights = np.array([face.image.shape[0] for face in faces])
+        heights = np.array([face.image.height for face in faces])
         base_labels = labels_from_poses(np.stack([face.pose for face in faces]),
                                         np.stack([face.params for face in faces]), boxes, heights)
         # Each source's own stream, so its crops never depend on which shard or task ran it.
@@ -274,8 +308,14 @@ class ShardProcessor:
             if not finite[k]:
                 quarantine(InvalidValueError(face.annotation.path, "label holds NaN or inf"))
                 continue
+            try:
+                image = face.image.decode()  # one decoded image alive at a time
+            except DatasetError as err:
+                quarantine(err)
+                continue
             split = split_of(face.ref.subject_id, self.config.val_fraction)
-            crops = render_crops(face.image, plan, k, self.config.augment.photometric, rngs[k])
+            crops = render_crops(image, plan, k, self.config.augment.photometric, rngs[k])
+            del image
             produced.append((face, [(split, crop, {}) for crop in crops]))
         return produced
 
@@ -304,11 +344,12 @@ class ShardProcessor:
 
     def _evaluation_crop(self, face: Face) -> tuple[AugmentedCrop, dict]:
         """The benchmark's ROI crop of an AFLW2000-3D face, with its ground-truth columns."""
-        annotation, image = face.annotation, face.image
+        annotation = face.annotation
         if annotation.pt3d_68 is None:
             raise InvalidValueError(annotation.path, "field 'pt3d_68' is missing")
         box = landmark_crop_box(annotation.pt3d_68)  # the benchmark's ROI rule
-        label = label_from_annotation(annotation, box, image.shape[0])
+        label = label_from_annotation(annotation, box, face.image.height)
+        image = face.image.decode()
         yaw = abs(np.rad2deg(canonical_angles(annotation.pose_para)[1]))
         pt2d = annotation.pt2d if annotation.pt2d is not None and annotation.pt2d.shape == (2, 21) \
             else np.full((2, 21), -1.0)
@@ -382,7 +423,16 @@ def process_shards(batch: dict[str, np.ndarray], jobs: dict[str, ShardJob], conf
     for key in batch["key"]:
         job = jobs[str(key)]
         started = time.time()
-        summary = processor(job)
+        try:
+            summary = processor(job)
+        except DatasetError as err:
+            if not strict:
+                raise
+            # --strict: the bad file goes back as data, not as a task failure that Ray Data would
+            # log and wrap; the driver raises it (see stopped_at). No completion record.
+            summaries.append(json.dumps({"kind": job.kind, "shard": job.index, "stopped_at": {
+                "file": err.path, "stage": err.stage, "reason": err.reason}}))
+            break
         summary["started_at"], summary["finished_at"] = started, time.time()
         summary["worker"] = worker
         record = {**summary, "config_digest": processor.config.digest(),
@@ -391,6 +441,12 @@ def process_shards(batch: dict[str, np.ndarray], jobs: dict[str, ShardJob], conf
         write_json(filesystem, f"{job.output}/_shards/{job.key}.json", record)
         summaries.append(json.dumps(record))
     return {"summary": summaries}
+
+
+def stopped_at(record: dict) -> DatasetError | None:
+    """The bad file a ``--strict`` shard task stopped at, or None for a finished shard."""
+    stop = record.get("stopped_at")
+    return None if stop is None else DatasetError(stop["file"], stop["reason"], stage=stop["stage"])
 
 
 def finished_record(filesystem: pafs.FileSystem, job: ShardJob, config_digest: str) -> dict | None:

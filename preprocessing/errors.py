@@ -21,6 +21,10 @@ class DatasetError(ValueError):
         if stage is not None:
             self.stage = stage
 
+    def __reduce__(self) -> tuple:
+        # Rebuilt from its fields: a Ray task's error reaches the driver pickled.
+        return type(self), (self.path, self.reason, self.stage)
+
 
 class MissingFileError(DatasetError):
     """An expected file (e.g. the .mat beside a .jpg) does not exist."""

@@ -4,7 +4,9 @@ The manifest names the shard files of each split, the whitening statistics of th
 labels, the morphable model that labelled them, the counts that reconcile every input, and the
 config and code that made it. ``version`` says its layout; a reader refuses a layout it does not
 know rather than guess at it (a manifest without the field is version 1, the layout it had
-before the field existed).
+before the field existed). The ``skipped`` entries (and their count) came later within version 1:
+a manifest without them skipped nothing. A reader also refuses counts that do not reconcile:
+inputs = written + quarantined + skipped, with one quarantine row and one skipped entry per count.
 """
 
 from __future__ import annotations
@@ -42,6 +44,24 @@ class LabelModel:
         return self.source == SYNTHETIC
 
 
+def check_counts(counts: dict[str, Any], quarantine: list, skipped: list, source: str) -> None:
+    """Refuse (ManifestError, naming ``source``) counts that do not reconcile with each other or
+    with the quarantine and skipped lists; a count missing from an older manifest is 0."""
+    try:
+        inputs, written, quarantined = (int(counts[key]) for key in ("inputs", "written", "quarantined"))
+        skipped_count = int(counts.get("skipped", 0))
+    except KeyError as err:
+        raise ManifestError(f"{source}: the counts lack {err.args[0]!r}") from err
+    except (TypeError, ValueError, AttributeError) as err:
+        raise ManifestError(f"{source}: the counts have the wrong form ({err})") from err
+    if inputs != written + quarantined + skipped_count:
+        raise ManifestError(f"{source}: counts do not reconcile: inputs {inputs} != written {written} + "
+                            f"quarantined {quarantined} + skipped {skipped_count}")
+    if len(quarantine) != quarantined or len(skipped) != skipped_count:
+        raise ManifestError(f"{source}: {len(quarantine)} quarantine rows and {len(skipped)} skipped entries "
+                            f"for counts of {quarantined} quarantined and {skipped_count} skipped")
+
+
 @dataclass(frozen=True)
 class EvaluationShards:
     """The AFLW2000-3D evaluation shards beside the training shards."""
@@ -50,6 +70,7 @@ class EvaluationShards:
     counts: dict[str, Any]
     quarantine: list[dict[str, str]]
     shards: tuple[str, ...]  # relative to the output folder
+    skipped: list[dict[str, str]] = field(default_factory=list)  # file, reason
 
 
 @dataclass(frozen=True)
@@ -58,7 +79,7 @@ class Manifest:
 
     input: str
     output: str
-    counts: dict[str, Any]  # inputs, written, quarantined, rows by split, by_subset
+    counts: dict[str, Any]  # inputs, written, quarantined, skipped, rows by split, by_subset
     quarantine: list[dict[str, str]]  # file, stage, reason
     splits: dict[str, tuple[str, ...]]
     whitening: ParamStats
@@ -69,12 +90,21 @@ class Manifest:
     code_version: str
     aflw2000: EvaluationShards | None = None
     version: int = field(default=MANIFEST_VERSION)
+    skipped: list[dict[str, str]] = field(default_factory=list)  # file, reason: no sample's file
+
+    def check_counts(self, source: str) -> None:
+        """Refuse (ManifestError) counts that do not reconcile, here and in the AFLW2000-3D part."""
+        check_counts(self.counts, self.quarantine, self.skipped, source)
+        if self.aflw2000 is not None:
+            check_counts(self.aflw2000.counts, self.aflw2000.quarantine, self.aflw2000.skipped,
+                         f"{source} (aflw2000)")
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest as JSON-ready data (the file's layout)."""
         data = {
             "version": self.version, "input": self.input, "output": self.output, "counts": self.counts,
-            "quarantine": self.quarantine, "splits": {s: list(p) for s, p in self.splits.items()},
+            "quarantine": self.quarantine, "skipped": self.skipped,
+            "splits": {s: list(p) for s, p in self.splits.items()},
             "whitening": self.whitening.to_dict() | {"identity": self.whitening.identity},
             "morphable_model": {"source": self.morphable_model.source,
                                 "identity": self.morphable_model.identity,
@@ -84,7 +114,8 @@ class Manifest:
         }
         if self.aflw2000 is not None:
             data["aflw2000"] = {"input": self.aflw2000.input, "counts": self.aflw2000.counts,
-                                "quarantine": self.aflw2000.quarantine, "shards": list(self.aflw2000.shards)}
+                                "quarantine": self.aflw2000.quarantine, "skipped": self.aflw2000.skipped,
+                                "shards": list(self.aflw2000.shards)}
         return data
 
     @classmethod
@@ -98,22 +129,25 @@ class Manifest:
                                 f"(it reads version {MANIFEST_VERSION}); preprocess again with this version")
         try:
             aflw = data.get("aflw2000")
-            return cls(
+            manifest = cls(
                 input=data["input"], output=data["output"], counts=data["counts"],
-                quarantine=data["quarantine"],
+                quarantine=data["quarantine"], skipped=list(data.get("skipped", [])),
                 splits={split: tuple(data["splits"][split]) for split in SPLITS},
                 whitening=ParamStats.from_dict(data["whitening"]),
                 morphable_model=LabelModel(**data["morphable_model"]),
                 image_format=data["image_format"], config=data["config"],
                 config_digest=data["config_digest"], code_version=data["code_version"],
                 aflw2000=None if aflw is None else EvaluationShards(
-                    aflw["input"], aflw["counts"], aflw["quarantine"], tuple(aflw["shards"])),
+                    aflw["input"], aflw["counts"], aflw["quarantine"], tuple(aflw["shards"]),
+                    list(aflw.get("skipped", []))),
                 version=version,
             )
         except KeyError as err:
             raise ManifestError(f"{source}: the manifest lacks the field {err.args[0]!r}") from err
         except (TypeError, ValueError) as err:
             raise ManifestError(f"{source}: a manifest field has the wrong form ({err})") from err
+        manifest.check_counts(source)
+        return manifest
 
 
 def write_manifest(filesystem: pafs.FileSystem, output: str, manifest: Manifest) -> None:

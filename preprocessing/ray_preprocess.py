@@ -2,7 +2,10 @@
 
 See :mod:`preprocessing.dataflow` for the dataflow; this module schedules it with Ray Data,
 resumes finished shards, merges the label moments the shard tasks computed into the whitening
-statistics, and writes ``manifest.json`` whose counts reconcile: inputs = written + quarantined.
+statistics, and writes ``manifest.json`` whose counts reconcile:
+inputs = written + quarantined + skipped. The listing's own finds are the driver's: a file whose
+name is not the dataset's is quarantined (``quarantine/listing.parquet``, stage ``list``) and an
+entry that is no sample's file (a dangling or looping link, a folder, another file) is skipped.
 """
 
 from __future__ import annotations
@@ -31,9 +34,11 @@ from preprocessing.dataflow import (
     dealt_sources,
     finished_record,
     process_shards,
+    relative_path,
     shard_jobs,
+    stopped_at,
 )
-from preprocessing.datasets import list_300w_lp, list_aflw2000, resolve
+from preprocessing.datasets import Scan, resolve, scan_300w_lp, scan_aflw2000
 from preprocessing.manifest import (
     MANIFEST_FILE,
     SPLITS,
@@ -43,9 +48,11 @@ from preprocessing.manifest import (
     find_manifest,
     write_manifest,
 )
+from preprocessing.shards import QUARANTINE_SCHEMA, AtomicParquetWriter
 
 LOG = logging.getLogger(__name__)
 OUTPUT_FOLDERS = ("train", "val", "quarantine", "aflw2000", "aflw2000-quarantine", "_shards")
+LISTING_QUARANTINE = "listing.parquet"  # in each quarantine folder, beside the shards' part files
 
 
 class OutputExistsError(RuntimeError):
@@ -105,11 +112,37 @@ def _run_jobs(jobs: list[ShardJob], config: PreprocessConfig, strict: bool, file
     started = time.perf_counter()
     for done, row in enumerate(dataset.iter_rows(), start=1):
         record = json.loads(row["summary"])
+        stop = stopped_at(record)
+        if stop is not None:  # --strict
+            raise stop
         records.append(record)
         elapsed = time.perf_counter() - started
         LOG.info("shard %s-%05d done (%d/%d, %.1f s): %d written, %d quarantined", record["kind"],
                  record["shard"], done, len(pending), elapsed, record["written"], record["quarantined"])
     return records
+
+
+def _listing_rows(scan: Scan, root: str, strict: bool) -> list[dict]:
+    """The quarantine rows of the files a scan found misnamed; ``strict``: the first is raised."""
+    if strict and scan.misnamed:
+        raise scan.misnamed[0]
+    return [{"file": relative_path(err.path, root), "stage": err.stage, "reason": err.reason}
+            for err in scan.misnamed]
+
+
+def _skipped_rows(scan: Scan, root: str) -> list[dict]:
+    return [{"file": relative_path(entry.path, root), "reason": entry.reason} for entry in scan.skipped]
+
+
+def _write_listing_quarantine(filesystem: pafs.FileSystem, output: str, folder: str,
+                              rows: list[dict]) -> None:
+    path = f"{output}/{folder}/{LISTING_QUARANTINE}"
+    if rows:
+        writer = AtomicParquetWriter(filesystem, path, QUARANTINE_SCHEMA)
+        writer.write_rows(rows)
+        writer.close()
+    elif filesystem.get_file_info(path).type == pafs.FileType.File:
+        filesystem.delete_file(path)
 
 
 def _quarantine_rows(
@@ -123,8 +156,10 @@ def _quarantine_rows(
     return rows
 
 
-def _counts(records: list[dict]) -> dict[str, Any]:
-    counts: dict[str, Any] = {"inputs": 0, "written": 0, "quarantined": 0, "rows": {}, "by_subset": {}}
+def _counts(records: list[dict], listed: list[dict], skipped: list[dict]) -> dict[str, Any]:
+    """The shard records' counts plus the listing's quarantined and skipped entries."""
+    counts: dict[str, Any] = {"inputs": len(listed) + len(skipped), "written": 0, "quarantined": len(listed),
+                              "skipped": len(skipped), "rows": {}, "by_subset": {}}
     for record in records:
         for key in ("inputs", "written", "quarantined"):
             counts[key] += record[key]
@@ -143,33 +178,47 @@ def run_preprocess(
     filesystem, out_path = resolve(output)
     _, in_path = resolve(input_root)
     model = load_face_model(config.morphable_model)  # once, here: the shard tasks get its arrays
-    _prepare_output(filesystem, out_path, config, in_path, overwrite)
-    _, refs = list_300w_lp(input_root)
-    jobs = shard_jobs(dealt_sources(refs, config), in_path, out_path, config.sources_per_shard, "train")
+    scan = scan_300w_lp(input_root)  # before the output is touched: --strict may stop here
+    refs, listed, skipped = scan.refs, _listing_rows(scan, in_path, strict), _skipped_rows(scan, in_path)
     eval_refs: list = []
+    eval_listed: list[dict] = []
+    eval_skipped: list[dict] = []
     if aflw2000_root:
         _, eval_root = resolve(aflw2000_root)
-        _, eval_refs = list_aflw2000(aflw2000_root)
+        eval_scan = scan_aflw2000(aflw2000_root)
+        eval_refs, eval_skipped = eval_scan.refs, _skipped_rows(eval_scan, eval_root)
+        eval_listed = _listing_rows(eval_scan, eval_root, strict)
+    _prepare_output(filesystem, out_path, config, in_path, overwrite)
+    jobs = shard_jobs(dealt_sources(refs, config), in_path, out_path, config.sources_per_shard, "train")
+    if aflw2000_root:
         jobs += shard_jobs(eval_refs, eval_root, out_path, config.sources_per_shard, "aflw2000")
     if workers is None:
         workers = max(1, int(ray.cluster_resources().get("CPU", 1) // config.num_cpus_per_task))
     LOG.info("%d source files (+%d AFLW2000-3D) in %d shards, %d workers", len(refs), len(eval_refs),
              len(jobs), workers)
+    if listed or skipped:
+        LOG.info("listing: %d misnamed files quarantined, %d entries skipped (see manifest.json)",
+                 len(listed), len(skipped))
     records = _run_jobs(jobs, config, strict, filesystem, workers, model)
     train_records = [r for r in records if r["kind"] == "train"]
     eval_records = [r for r in records if r["kind"] == "aflw2000"]
-    counts = _counts(train_records)
+    counts = _counts(train_records, listed, skipped)
+    _write_listing_quarantine(filesystem, out_path, "quarantine", listed)
     stats = combine_stats([r["moments"] for r in train_records])
     mirror_residual = mirror_map(model).residual if config.augment.geometric.flip_probability > 0 else None
     evaluation = None
     if aflw2000_root:
+        _write_listing_quarantine(filesystem, out_path, "aflw2000-quarantine", eval_listed)
         evaluation = EvaluationShards(
-            input=resolve(aflw2000_root)[1], counts=_counts(eval_records),
-            quarantine=_quarantine_rows(filesystem, out_path, "aflw2000-quarantine", eval_records),
-            shards=tuple(sorted(f"aflw2000/part-{r['shard']:05d}.parquet" for r in eval_records)))
+            input=resolve(aflw2000_root)[1], counts=_counts(eval_records, eval_listed, eval_skipped),
+            quarantine=eval_listed + _quarantine_rows(filesystem, out_path, "aflw2000-quarantine",
+                                                      eval_records),
+            shards=tuple(sorted(f"aflw2000/part-{r['shard']:05d}.parquet" for r in eval_records)),
+            skipped=eval_skipped)
     manifest = Manifest(
         input=in_path, output=out_path, counts=counts,
-        quarantine=_quarantine_rows(filesystem, out_path, "quarantine", train_records),
+        quarantine=listed + _quarantine_rows(filesystem, out_path, "quarantine", train_records),
+        skipped=skipped,
         splits={split: tuple(sorted(f"{split}/part-{r['shard']:05d}.parquet" for r in train_records))
                 for split in SPLITS},
         whitening=stats,
@@ -177,8 +226,7 @@ def run_preprocess(
         image_format=config.image_format, config=asdict(config), config_digest=config.digest(),
         code_version=code_version(), aflw2000=evaluation,
     )
-    if counts["inputs"] != counts["written"] + counts["quarantined"]:
-        raise AssertionError(f"counts do not reconcile: {counts}")
+    manifest.check_counts(out_path)  # an internal invariant: a ManifestError here is a bug
     write_manifest(filesystem, out_path, manifest)
     return manifest
 

@@ -161,7 +161,9 @@ def test_strict_stops_at_the_first_bad_file(folders, tmp_path):
     result = frnet("preprocess", "--input", str(root), "--output", str(tmp_path / "out"), "--strict",
                    "--num-cpus", "1", cwd=tmp_path)
     assert result.returncode == 1
-    assert f"{victim.name}: not a readable MAT file" in result.stderr
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line or "Traceback" in line]
+    assert len(errors) == 1 and f"{victim}: not a readable MAT file" in errors[0], result.stderr
+    assert not (tmp_path / "out" / "_shards").exists()  # the stopped shard left no completion record
 
 
 def test_a_killed_run_resumes_without_duplicates(folders, tmp_path):
