@@ -17,7 +17,9 @@ reconstruction; ``--protocol`` adds 3DDFA's reannotated landmarks and ``--yaw-fi
 AFLW (``--aflw``): 21 points on 3DDFA's crops. Readers: :mod:`preprocessing.benchmark_sets`;
 scoring: :mod:`pipeline.scoring`.
 
-Output: the figures as JSON (fractions; layout in :func:`models.evaluation.aflw2000_report`),
+Output: the figures as JSON (fractions; layout in :func:`models.evaluation.aflw2000_report`;
+``evaluation_set``: the AFLW2000-3D set's digest, image count and scoring protocol, which
+``frnet register`` compares before it moves ``champion``),
 pictures in ``--out`` (default: beside the JSON): the cumulative error distribution, NME by yaw
 bin, and landmark overlays of the best, median and worst AFLW2000-3D faces; the NME table by yaw
 bin on stdout. Exit 2 for a bad argument (missing folder, a file that is not a model, a bad
@@ -47,7 +49,13 @@ from models.registry import ARCHITECTURES, load_model
 from pipeline.common import progress_logger, setup_logging, stage_parser, write_json
 from pipeline.console import run_main
 from pipeline.evaluation_pictures import format_table, overlay_sheet, plot_cumulative_errors, plot_yaw_bins
-from pipeline.scoring import FacePredictions, aflw2000_reports, predict_aflw2000, score_aflw
+from pipeline.scoring import (
+    FacePredictions,
+    aflw2000_folder_set,
+    aflw2000_reports,
+    predict_aflw2000,
+    score_aflw,
+)
 from pipeline.tracking import bundle_from_model_uri
 from preprocessing.benchmark_sets import Aflw2000Protocol, AflwSet
 from preprocessing.datasets import SampleRef, list_aflw2000
@@ -247,6 +255,11 @@ def main(argv: list[str] | None = None) -> int:
             figures.update(aflw2000)
             figures["aflw2000_sources"] = sources
             figures["yaw_file"] = args.yaw_file or "mat"
+            evaluation_set = aflw2000_folder_set(inputs.filesystem, inputs.refs, inputs.protocol,
+                                                 args.yaw_file)
+            figures["evaluation_set"] = evaluation_set.to_dict()
+            LOG.info("evaluation set %s: %d faces, %s", evaluation_set.short, evaluation_set.images,
+                     evaluation_set.protocol)
             if predictions.reconstruction is None:
                 LOG.info("%s has landmarks only: no 3D reconstruction NME", inputs.predictor.model.name)
         if inputs.aflw is not None:

@@ -1,5 +1,5 @@
 """Starting Ray for a stage: join the cluster a plain ``ray.init()`` would join, else start a
-local one. Every stage starts Ray through :func:`start_ray`."""
+local one, reachable from this machine only. Every stage starts Ray through :func:`start_ray`."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray._private import ray_constants
 
 LOG = logging.getLogger("frnet.ray")
 ADDRESS_VARIABLE = "RAY_ADDRESS"
 # Where `ray start` records the cluster it started: RAY_TMPDIR, else TMPDIR, else /tmp, + "/ray".
 ADDRESS_RECORD = "ray_current_cluster"
+LOOPBACK = "127.0.0.1"
 
 
 class RayStartError(ValueError):
@@ -60,11 +62,39 @@ def start_ray(num_cpus: int | None = None, dashboard: bool = True, **kwargs: Any
         ray.init(address=address, runtime_env={"env_vars": environment}, **kwargs)
         return
     if not dashboard:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                 runtime_env={"env_vars": environment}, **kwargs)
+        init_on_loopback(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": environment},
+                         **kwargs)
         return
     with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
+        probe.bind((LOOPBACK, 0))
         port = probe.getsockname()[1]
-    runtime_env = {"env_vars": {**environment, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}
-    ray.init(address="local", num_cpus=num_cpus, dashboard_port=port, runtime_env=runtime_env, **kwargs)
+    runtime_env = {"env_vars": {**environment, "RAY_API_SERVER_ADDRESS": f"http://{LOOPBACK}:{port}"}}
+    init_on_loopback(num_cpus=num_cpus, dashboard_host=LOOPBACK, dashboard_port=port, runtime_env=runtime_env,
+                     **kwargs)
+
+
+def init_on_loopback(**kwargs: Any) -> None:
+    """``ray.init`` of a local Ray whose every listener (GCS, raylet, object manager, workers,
+    dashboard and its agent, the runtime-env agent, the Prometheus metrics endpoints) binds to
+    127.0.0.1, not to all interfaces.
+
+    Ray 2.60 binds them to loopback only when the node address is loopback (to every interface
+    otherwise), and on Linux it replaces a loopback node address
+    (``_node_ip_address="127.0.0.1"``) by the machine's outward one
+    (``ray._private.services.resolve_ip_for_localhost``) unless clusters are switched off, as they
+    are on macOS and Windows: ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read once when ray is
+    imported (``ray_constants.ENABLE_RAY_CLUSTER``). So the switch is turned off for the start
+    only: the processes Ray starts are handed the address, and a later join of a real cluster
+    from this process finds its own outward address again.
+    """
+    clusters = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(address="local", **kwargs)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = clusters
+    node_address = ray.util.get_node_ip_address()
+    if node_address != LOOPBACK:
+        ray.shutdown()
+        raise RayStartError(f"the local Ray listens on {node_address}, not {LOOPBACK}: this Ray "
+                            f"({ray.__version__}) no longer takes the loopback switch; pin ray==2.60.0")

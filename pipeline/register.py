@@ -9,9 +9,11 @@ evaluation gate as trained models.
 ``--checkpoint`` and the flags that go with it are ``frnet evaluate``'s. The model is logged in
 the self-contained form (:mod:`models.served`) to a run of ``--experiment``; with ``--aflw2000``
 it is scored on that AFLW2000-3D folder (``--protocol`` / ``--yaw-file`` as in ``frnet
-evaluate``), the figures become the version's tags, and ``champion`` moves to it only if it
-beats the current champion. Without ``--aflw2000`` the version is registered unscored and never
-becomes champion. Exit 2 for a bad argument, 1 for a bad dataset file met while scoring.
+evaluate``), the figures and the evaluation set (its digest, image count and scoring protocol)
+become the version's tags, and ``champion`` moves to it only if the champion was measured on the
+same set and this one beats it; one line says which and why. Without ``--aflw2000`` the version
+is registered unscored and never becomes champion. Exit 2 for a bad argument, 1 for a bad
+dataset file met while scoring.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pipeline.console import run_main
 from pipeline.evaluate import check_model_args, parse_param_stats, read_model_file
 from pipeline.paths import input_path, model_source
 from pipeline.registration import register_scored
-from pipeline.scoring import aflw2000_reports, predict_aflw2000
+from pipeline.scoring import EvaluationSet, aflw2000_folder_set, aflw2000_reports, predict_aflw2000
 from pipeline.tracking import active_run, log_params, log_served_model, open_store, set_tags
 from preprocessing.benchmark_sets import Aflw2000Protocol
 from preprocessing.datasets import list_aflw2000
@@ -78,12 +80,15 @@ def read_bundle(args: argparse.Namespace) -> ModelBundle:
     return ModelBundle(args.arch, args.width, weights, stats, source, face_model.identity)
 
 
-def score(bundle: ModelBundle, args: argparse.Namespace) -> dict[str, Any] | None:
-    """The AFLW2000-3D report of ``bundle`` on ``--aflw2000``, or None without it."""
+def score(bundle: ModelBundle, args: argparse.Namespace) -> tuple[dict[str, Any], EvaluationSet] | None:
+    """The AFLW2000-3D report of ``bundle`` on ``--aflw2000`` and the set it was measured on, or
+    None without it."""
     if args.aflw2000 is None:
         if args.protocol is not None or args.yaw_file is not None:
             raise ValueError("--protocol and --yaw-file go with --aflw2000")
         return None
+    if args.yaw_file is not None and args.protocol is None:
+        raise ValueError(f"--yaw-file {args.yaw_file} needs --protocol")
     folder = input_path(args.aflw2000, "--aflw2000")
     filesystem, refs = list_aflw2000(folder)
     protocol = Aflw2000Protocol.load(input_path(args.protocol, "--protocol")) if args.protocol else None
@@ -94,7 +99,7 @@ def score(bundle: ModelBundle, args: argparse.Namespace) -> dict[str, Any] | Non
     predictions = predict_aflw2000(bundle.predictor(), filesystem, refs, args.batch_size,
                                    progress_logger(LOG, "AFLW2000-3D"), protocol)
     reports, _ = aflw2000_reports(predictions, protocol, args.yaw_file)
-    return reports["aflw2000"]
+    return reports["aflw2000"], aflw2000_folder_set(filesystem, refs, protocol, args.yaw_file)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         LOG.error("%s", err)
         return 2
     try:
-        report = score(bundle, args)
+        scored = score(bundle, args)
     except (ValueError, FileNotFoundError) as err:
         LOG.error("%s", err)
         return 2
@@ -123,12 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         set_tags({"registered_from": "checkpoint"})
         model_uri = log_served_model(bundle)
         figures = {"run_id": run.run_id, "tracking_uri": run.tracking_uri, "model_uri": model_uri,
-                   **register_scored(report, args.name, model_uri, run.run_id)}
+                   **register_scored(*(scored or (None, None)), args.name, model_uri, run.run_id)}
     state = "now the champion" if figures["champion"] else (
-        "registered; the champion stays" if report is not None else "registered unscored; the champion stays")
-    if report is not None:
+        "registered; the champion stays" if scored is not None else "registered unscored; the champion stays")
+    if scored is not None:
+        report, evaluation_set = scored
         print(f"AFLW2000-3D NME {100 * report['nme_mean_of_bins']:.2f}% (mean of yaw bins, "
-              f"{len(report['per_image'])} faces)")
+              f"{len(report['per_image'])} faces, set {evaluation_set.short})")
+    print(figures["champion_reason"])
     print(f"model {args.name} version {figures['model_version']}: {state}\nin {figures['tracking_uri']}")
     write_json(args.json, figures)
     return 0

@@ -6,10 +6,14 @@
 The faces come from the AFLW2000-3D image folder (``frnet evaluate``), from the evaluation
 shards (training's evaluation gate, the sweep's, the ablation benchmark) or from AFLW's crops;
 all are scored by :func:`predict_faces` and tabulated by :func:`models.evaluation.aflw2000_report`.
+
+Each AFLW2000-3D evaluation also names what it was measured on (:class:`EvaluationSet`): two
+NMEs are comparable only when their sets agree (docs/evaluation.md, "The champion").
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
@@ -30,11 +34,17 @@ from preprocessing.benchmark_sets import (
     aflw2000_batches,
     aflw_batches,
 )
-from preprocessing.datasets import SampleRef
+from preprocessing.datasets import SampleRef, read_bytes
 from preprocessing.labels import label_from_annotation
 from preprocessing.manifest import Manifest
 
 Progress = Callable[[int, int], None]
+# What an AFLW2000-3D NME means: the 68-point NME (bounding-box normaliser) by the landmark crop
+# rule, averaged over the three |yaw| bins. Raise the version whenever scoring changes what that
+# figure measures (crop rule, normaliser, bins), so that older figures stop being compared.
+SCORING_PROTOCOL = "aflw2000-3d-nme68-yaw-bins/1"
+SET_TAGS = {"digest": "evaluation.set_digest", "images": "evaluation.images",
+            "protocol": "evaluation.protocol"}
 
 
 def _no_progress(done: int, total: int) -> None:
@@ -60,6 +70,65 @@ class FacePredictions:
     annotations: tuple = ()
     image_heights: tuple[int, ...] = ()
     reconstruction: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class EvaluationSet:
+    """What an NME was measured on: ``digest`` (sha256, hex) of the faces' sorted names and their
+    annotations' contents, ``images`` how many faces, ``protocol`` how they were scored
+    (:data:`SCORING_PROTOCOL`, where the crops came from and which yaw binned them)."""
+
+    digest: str
+    images: int
+    protocol: str
+
+    @property
+    def short(self) -> str:
+        return self.digest[:12]
+
+    def tags(self) -> dict[str, str]:
+        """As the model-version tags :data:`SET_TAGS` names."""
+        return {SET_TAGS["digest"]: self.digest, SET_TAGS["images"]: str(self.images),
+                SET_TAGS["protocol"]: self.protocol}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"digest": self.digest, "images": self.images, "protocol": self.protocol}
+
+    @classmethod
+    def from_tags(cls, tags: dict[str, str]) -> EvaluationSet | None:
+        """The set a version's tags record, or None where it has none (registered before sets
+        were recorded, or unscored)."""
+        if not all(tag in tags for tag in SET_TAGS.values()):
+            return None
+        return cls(tags[SET_TAGS["digest"]], int(tags[SET_TAGS["images"]]), tags[SET_TAGS["protocol"]])
+
+
+def aflw2000_folder_set(filesystem: pafs.FileSystem, refs: list[SampleRef],
+                        protocol: Aflw2000Protocol | None, yaw_file: str | None) -> EvaluationSet:
+    """The set of an AFLW2000-3D image folder: every image and annotation name in sorted order
+    with the sha256 of each ``.mat`` file, and the yaw values when 3DDFA's arrays bin them."""
+    digest = hashlib.sha256()
+    for ref in sorted(refs, key=lambda ref: ref.stem):
+        annotation = hashlib.sha256(read_bytes(filesystem, ref.mat_path)).hexdigest()
+        digest.update(f"{PurePosixPath(ref.image_path).name}\t{PurePosixPath(ref.mat_path).name}\t"
+                      f"{annotation}\n".encode())
+    yaw = "mat"
+    if protocol is not None and yaw_file is not None:
+        yaw = AFLW2000_ARRAYS[f"yaw_{yaw_file}"]
+        digest.update(np.ascontiguousarray(getattr(protocol, f"yaw_{yaw_file}"), np.float64).tobytes())
+    return EvaluationSet(digest.hexdigest(), len(refs), f"{SCORING_PROTOCOL} crops=images yaw={yaw}")
+
+
+def shards_set(predictions: FacePredictions, image_format: str) -> EvaluationSet:
+    """The set of the evaluation shards: every face id in sorted order with its annotation as the
+    shards store it (crop box, ``pt3d_68``, yaw)."""
+    digest = hashlib.sha256()
+    for i in sorted(range(len(predictions.stems)), key=lambda i: predictions.stems[i]):
+        digest.update(f"{predictions.stems[i]}\t".encode())
+        for values in (predictions.boxes[i], predictions.truth[i], predictions.yaw_deg[i]):
+            digest.update(np.ascontiguousarray(values, np.float64).tobytes())
+    return EvaluationSet(digest.hexdigest(), len(predictions.stems),
+                         f"{SCORING_PROTOCOL} crops=shards:{image_format} yaw=mat")
 
 
 def vertices_in_image(predictor: FacePredictor, params: np.ndarray, box: np.ndarray) -> np.ndarray:
@@ -110,8 +179,15 @@ def score_shards(predictor: FacePredictor, shards: str, manifest: Manifest,
                  batch_size: int = 64) -> dict[str, Any]:
     """The AFLW2000-3D table of a predictor on the evaluation shards ``frnet preprocess
     --aflw2000`` wrote (crops by the benchmark rule, ground truth ``pt3d_68``)."""
+    return score_shards_on_set(predictor, shards, manifest, batch_size)[0]
+
+
+def score_shards_on_set(predictor: FacePredictor, shards: str, manifest: Manifest,
+                        batch_size: int = 64) -> tuple[dict[str, Any], EvaluationSet]:
+    """:func:`score_shards`, and the set it was measured on."""
     batches = evaluation_batches(shards, manifest, batch_size)
-    return landmark_report(predict_faces(predictor, batches, evaluation_count(manifest)))
+    predictions = predict_faces(predictor, batches, evaluation_count(manifest))
+    return landmark_report(predictions), shards_set(predictions, manifest.image_format)
 
 
 def predict_aflw2000(predictor: FacePredictor, filesystem: pafs.FileSystem, refs: list[SampleRef],

@@ -242,7 +242,7 @@ def test_ray_start_commands_as_rays_aws_examples(cluster):
     first = {cluster["head_start_ray_commands"][0], cluster["worker_start_ray_commands"][0]}
     assert [command.split() for command in first] == [["ray", "stop"]]
     head_options = program_options(head, ["ray", "start"])
-    assert head_options == {"--head": True, "--port": "6379", "--dashboard-host": "0.0.0.0",
+    assert head_options == {"--head": True, "--port": "6379", "--dashboard-host": "127.0.0.1",
                             "--autoscaling-config": "~/ray_bootstrap_config.yaml"}
     worker_options = program_options(worker, ["ray", "start"])
     assert worker_options == {"--address": "$RAY_HEAD_IP:6379"}
@@ -268,8 +268,8 @@ def test_the_cluster_training_config_trains_on_every_gpu_worker_with_s3_and_the_
     assert bucket(config.run.storage_path) == bucket(config.data.shards) == the_bucket
     tracking = urlparse(config.mlflow.tracking_uri)
     assert tracking.scheme == "http" and tracking.port == int(server["--port"])
-    # Loopback for the processes on the head and for port forwarding; other nodes use its address.
-    assert tracking.hostname == "localhost" and server["--host"] == "0.0.0.0"
+    # Loopback: only processes on the head write, and users reach it through an SSH forward.
+    assert tracking.hostname == "localhost" and server["--host"] == "127.0.0.1"
 
 
 def test_the_cluster_sweep_and_preprocessing_configs_load(cluster):
