@@ -9,85 +9,41 @@ search spaces and in a trial's fixed keys alike.
 A field declares its rule in its annotation: ``Annotated[float, Range(gt=0)]`` for a number
 (every float must also be finite: NaN and inf are refused everywhere), ``Annotated[str, NAME]``
 for a name that becomes a file, folder or MLflow name. :func:`from_dict` enforces them, so a
-config file, a command-line override and a Tune search-space value meet the same rule.
+config file, a command-line override and a Tune search-space value meet the same rule. The rule
+types and shared ranges are defined in :mod:`preprocessing.config_rules` and re-exported here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import operator
-import re
 import types
 import typing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
+# The rules live below pipeline/ so the preprocessing stages' configs declare theirs too; the
+# training and sweep configs import them from here.
+from preprocessing.config_rules import (  # noqa: F401 (re-exported)
+    AT_LEAST_1,
+    FRACTION,
+    JPEG_QUALITY,
+    NAME,
+    NON_NEGATIVE,
+    POSITIVE,
+    PROBABILITY,
+    SEED_RANGE,
+    Name,
+    Range,
+)
 
 T = TypeVar("T")
 
 
 class ConfigError(ValueError):
     """A configuration value that cannot be used; the message names the source and key."""
-
-
-@dataclass(frozen=True)
-class Range:
-    """The values a numeric field takes: from ``ge`` or above ``gt``, up to ``le`` or below ``lt``
-    (None: no bound on that side)."""
-
-    ge: float | None = None
-    gt: float | None = None
-    le: float | None = None
-    lt: float | None = None
-
-    def refusal(self, value: float) -> str | None:
-        """What ``value`` must be, or None when it is allowed."""
-        bounds = ((self.ge, operator.ge), (self.gt, operator.gt), (self.le, operator.le),
-                  (self.lt, operator.lt))
-        finite = not isinstance(value, float) or math.isfinite(value)
-        if finite and all(bound is None or holds(value, bound) for bound, holds in bounds):
-            return None
-        rule = self.describe()
-        return f"a finite number {rule}".strip() if isinstance(value, float) else rule
-
-    def describe(self) -> str:
-        """``>= 1``, ``> 0``, ``in [0, 1)``."""
-        low = self.ge if self.ge is not None else self.gt
-        high = self.le if self.le is not None else self.lt
-        if low is not None and high is not None:
-            return (f"in {'[' if self.ge is not None else '('}{_number(low)}, "
-                    f"{_number(high)}{']' if self.le is not None else ')'}")
-        if low is not None:
-            return f"{'>=' if self.ge is not None else '>'} {_number(low)}"
-        if high is not None:
-            return f"{'<=' if self.le is not None else '<'} {_number(high)}"
-        return ""
-
-
-def _number(bound: float) -> str:
-    return str(int(bound)) if float(bound).is_integer() else repr(bound)
-
-
-@dataclass(frozen=True)
-class Name:
-    """A name that becomes a file or folder name (run, sweep, model file) or an MLflow name:
-    letters, digits, '.', '_', '-', starting with a letter or digit, no '..', at most
-    ``max_length`` characters; never a path separator, so it cannot leave its folder."""
-
-    max_length: int = 128
-
-    def refusal(self, value: str) -> str | None:
-        if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value) and ".." not in value \
-                and len(value) <= self.max_length:
-            return None
-        return (f"a name of letters, digits, '.', '_' and '-' that starts with a letter or digit, "
-                f"has no '..' and is at most {self.max_length} characters")
-
-
-NAME = Name()
 
 
 def check_name(value: str, where: str, rule: Name = NAME) -> str:

@@ -12,13 +12,7 @@ from typing import Annotated, Literal
 
 from models.losses import NUM_RESAMPLED, WING_EPSILON, WING_OMEGA
 from models.registry import ARCHITECTURES
-from pipeline.config import NAME, Range
-
-# Seeds go to numpy (below 2**32) as well as torch.
-SEED_RANGE = Range(ge=0, lt=2**32)
-AT_LEAST_1 = Range(ge=1)
-POSITIVE = Range(gt=0)
-NON_NEGATIVE = Range(ge=0)
+from pipeline.config import AT_LEAST_1, NAME, NON_NEGATIVE, POSITIVE, SEED_RANGE, Range
 
 
 @dataclass(frozen=True)

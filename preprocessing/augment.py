@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import cv2
 import numpy as np
@@ -27,6 +28,7 @@ from models.mirror import MirrorMap, mirror_params
 from models.morphable import IBUG_MIRROR_IDS
 from models.params import NUM_PARAMS
 from preprocessing.annotations import MatAnnotation
+from preprocessing.config_rules import AT_LEAST_1, FRACTION, PROBABILITY, Range, check_fields
 from preprocessing.labels import label_from_annotation, transform_label
 
 IDENTITY_TRANSFORM = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
@@ -36,57 +38,46 @@ IDENTITY_TRANSFORM = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 class GeometricConfig:
     """Ranges of the geometric augmentations (each drawn uniformly)."""
 
-    scale_jitter: float = 0.10  # crop side times U[1 - j, 1 + j]
-    shift_jitter: float = 0.08  # crop centre moved by U[-j, j] of the side, per axis
-    rotation_deg: float = 15.0  # in-plane rotation in U[-r, r] degrees
-    flip_probability: float = 0.5
+    scale_jitter: Annotated[float, FRACTION] = 0.10  # crop side times U[1 - j, 1 + j]
+    shift_jitter: Annotated[float, FRACTION] = 0.08  # crop centre moved by U[-j, j] of the side, per axis
+    rotation_deg: Annotated[float, Range(ge=0, le=180)] = 15.0  # in-plane rotation in U[-r, r] degrees
+    flip_probability: Annotated[float, PROBABILITY] = 0.5
 
     def __post_init__(self) -> None:
-        for name in ("scale_jitter", "shift_jitter", "flip_probability"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0 and not (name == "flip_probability" and value == 1.0):
-                raise ValueError(f"{name} must be in [0, 1), got {value}")
-        if not 0.0 <= self.rotation_deg <= 180.0:
-            raise ValueError(f"rotation_deg must be in [0, 180], got {self.rotation_deg}")
+        check_fields(self)
 
 
 @dataclass(frozen=True)
 class PhotometricConfig:
     """Strengths and probabilities of the photometric augmentations."""
 
-    brightness: float = 0.2  # additive shift in U[-b, b] * 255
-    contrast: float = 0.3  # gain about the mean in U[1 - c, 1 + c]
-    colour: float = 0.1  # per-channel gain in U[1 - c, 1 + c]
-    blur_probability: float = 0.2
-    blur_sigma_max: float = 1.5  # pixels
-    noise_probability: float = 0.3
-    noise_sigma_max: float = 8.0  # grey levels
-    occlusion_probability: float = 0.3
-    occlusion_max_fraction: float = 0.35  # side of the patch, as a fraction of the crop
+    brightness: Annotated[float, FRACTION] = 0.2  # additive shift in U[-b, b] * 255
+    contrast: Annotated[float, FRACTION] = 0.3  # gain about the mean in U[1 - c, 1 + c]
+    colour: Annotated[float, FRACTION] = 0.1  # per-channel gain in U[1 - c, 1 + c]
+    blur_probability: Annotated[float, PROBABILITY] = 0.2
+    # Pixels; a sigma past the crop's side blurs it to its mean (and the kernel grows with it).
+    blur_sigma_max: Annotated[float, Range(ge=0, le=CROP_SIZE)] = 1.5
+    noise_probability: Annotated[float, PROBABILITY] = 0.3
+    noise_sigma_max: Annotated[float, Range(ge=0, le=255)] = 8.0  # grey levels
+    occlusion_probability: Annotated[float, PROBABILITY] = 0.3
+    occlusion_max_fraction: Annotated[float, FRACTION] = 0.35  # side of the patch, as a fraction of the crop
 
     def __post_init__(self) -> None:
-        for name in ("blur_probability", "noise_probability", "occlusion_probability"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
-        for name in ("brightness", "contrast", "colour", "occlusion_max_fraction"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.blur_sigma_max < 0 or self.noise_sigma_max < 0:
-            raise ValueError("blur_sigma_max and noise_sigma_max must be >= 0")
+        check_fields(self)
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """How many crops each source face gives, and which augmentations they get."""
+    """How many crops each source face gives, and which augmentations they get. Every number of
+    these configs declares its range in its annotation (:mod:`preprocessing.config_rules`)."""
 
-    copies: int = 4  # crops per source image
+    copies: Annotated[int, AT_LEAST_1] = 4  # crops per source image
     keep_original: bool = True  # crop 0 is the plain landmark-rule crop
     geometric: GeometricConfig = field(default_factory=GeometricConfig)
     photometric: PhotometricConfig = field(default_factory=PhotometricConfig)
 
     def __post_init__(self) -> None:
-        if self.copies < 1:
-            raise ValueError(f"copies must be >= 1, got {self.copies}")
+        check_fields(self)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import os
 import socket
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import cv2
 import numpy as np
@@ -37,6 +37,7 @@ from models.morphable import MorphableModel
 from models.params import NUM_PARAMS, ParamStats, pose_angles
 from preprocessing.annotations import MAX_IMAGE_SIDE_PX, MatAnnotation
 from preprocessing.augment import AugmentConfig, AugmentedCrop, plan_crops, render_crops
+from preprocessing.config_rules import AT_LEAST_1, FRACTION, JPEG_QUALITY, POSITIVE, SEED_RANGE, check_fields
 from preprocessing.datasets import EncodedImage, SampleRef, read_annotation, read_encoded_image, resolve
 from preprocessing.errors import DatasetError, InvalidValueError
 from preprocessing.labels import (
@@ -76,28 +77,22 @@ class PreprocessConfig:
     morphable_model: str = "synthetic"  # see models.face_models
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     image_format: Literal["jpeg", "png", "raw"] = "jpeg"
-    jpeg_quality: int = 95
-    val_fraction: float = 0.1  # of subjects
-    seed: int = 0
+    jpeg_quality: Annotated[int, JPEG_QUALITY] = 95
+    val_fraction: Annotated[float, FRACTION] = 0.1  # of subjects; 1 would leave nothing to train on
+    seed: Annotated[int, SEED_RANGE] = 0
     # Deal the source files to the shards in a seeded random order (300W-LP lists a face's views
     # one after another, subset by subset; shards of consecutive files would each hold a few faces).
     shuffle_sources: bool = True
-    sources_per_shard: int = 256  # source images a shard file and a Ray task (BENCHMARKS.md)
-    batch_size: int = 16  # source images whose crops are planned together inside a shard task
-    num_cpus_per_task: float = 1.0
+    # Source images a shard file and a Ray task hold (BENCHMARKS.md).
+    sources_per_shard: Annotated[int, AT_LEAST_1] = 256
+    # Source images whose crops are planned together inside a shard task.
+    batch_size: Annotated[int, AT_LEAST_1] = 16
+    num_cpus_per_task: Annotated[float, POSITIVE] = 1.0
     # Largest image side decoded; a header claiming more is quarantined unread (docs/shards.md).
-    max_image_side: int = MAX_IMAGE_SIDE_PX
+    max_image_side: Annotated[int, AT_LEAST_1] = MAX_IMAGE_SIDE_PX
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        for name in ("sources_per_shard", "batch_size", "max_image_side"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
-        if self.num_cpus_per_task <= 0:
-            raise ValueError(f"num_cpus_per_task must be > 0, got {self.num_cpus_per_task}")
+        check_fields(self)
 
     def digest(self) -> str:
         text = json.dumps(asdict(self), sort_keys=True)

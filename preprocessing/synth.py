@@ -24,9 +24,11 @@ import logging
 import math
 import multiprocessing
 import time
+import typing
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Annotated, Literal
 
 import cv2
 import numpy as np
@@ -37,12 +39,16 @@ from models.frame import crop_image, landmark_crop_box, reflect
 from models.mirror import mirror_map
 from models.params import NUM_EXPRESSION, NUM_SHAPE, rotation_from_angles
 from models.synthetic_face import SyntheticHead, build_synthetic_head
+from preprocessing.config_rules import AT_LEAST_1, JPEG_QUALITY, SEED_RANGE, Range, check_fields
 from preprocessing.datasets import SUBSETS_300W_LP
 from preprocessing.render import Lighting, random_background, random_lighting, render_mesh
 
 LOG = logging.getLogger(__name__)
-LAYOUTS = ("300w-lp", "aflw2000-3d")
+Layout = Literal["300w-lp", "aflw2000-3d"]
+LAYOUTS = typing.get_args(Layout)
 IMAGE_SIZE = 450  # both real datasets
+# A face wider than the image is not the datasets' framing.
+FACE_WIDTH_PX = Annotated[float, Range(gt=0, le=IMAGE_SIZE)]
 # Real files carry 199 identity and 29 expression coefficients; the label uses the first 40 / 10.
 MAT_SHAPE_LENGTH = 199
 MAT_EXPRESSION_LENGTH = 29
@@ -52,28 +58,26 @@ AFLW2000_YAW_BIN_SHARES = (1312 / 2000, 383 / 2000, 305 / 2000)
 
 @dataclass(frozen=True)
 class SynthConfig:
-    """What to render. ``n`` counts images in the unflipped folders (300W-LP) or in all (AFLW2000-3D)."""
+    """What to render. ``n`` counts images in the unflipped folders (300W-LP) or in all (AFLW2000-3D).
 
-    layout: str
-    n: int
-    seed: int = 0
-    views_per_face: int = 4  # 300W-LP: profile views of each source face (the real set has ~18)
+    Every number declares its range in its annotation (:mod:`preprocessing.config_rules`)."""
+
+    layout: Layout
+    n: Annotated[int, AT_LEAST_1]
+    seed: Annotated[int, SEED_RANGE] = 0
+    views_per_face: Annotated[int, AT_LEAST_1] = 4  # 300W-LP: profile views of each source face (~18 real)
     flip: bool = True  # 300W-LP: also write the _Flip folders
-    jpeg_quality: int = 92
-    face_width_px: tuple[float, float] = (150.0, 230.0)
-    centre_jitter_px: float = 20.0
-    max_pitch_deg: float = 30.0
-    max_roll_deg: float = 25.0
+    jpeg_quality: Annotated[int, JPEG_QUALITY] = 92
+    face_width_px: tuple[FACE_WIDTH_PX, FACE_WIDTH_PX] = (150.0, 230.0)  # drawn uniformly between the two
+    centre_jitter_px: Annotated[float, Range(ge=0, le=IMAGE_SIZE / 2)] = 20.0  # keeps the centre inside
+    max_pitch_deg: Annotated[float, Range(ge=0, le=90)] = 30.0  # pitch is an Euler angle in [-90, 90]
+    max_roll_deg: Annotated[float, Range(ge=0, le=180)] = 25.0
 
     def __post_init__(self) -> None:
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
-        if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
-        if self.views_per_face < 1:
-            raise ValueError(f"views_per_face must be >= 1, got {self.views_per_face}")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+        check_fields(self)
+        low, high = self.face_width_px
+        if low > high:
+            raise ValueError(f"face_width_px must be [low, high] with low <= high, got {[low, high]}")
 
 
 @dataclass(frozen=True)

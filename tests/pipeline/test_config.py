@@ -49,7 +49,7 @@ def test_yaml_file_with_overrides_and_validation(tmp_path):
     path.write_text("layout: aflw2000-3d\nn: 5\n")
     assert load_config(path, SynthConfig, {"seed": 7}) == SynthConfig("aflw2000-3d", 5, seed=7)
     path.write_text("layout: aflw2000-3d\nn: -1\n")
-    with pytest.raises(ConfigError, match="synth.yaml: SynthConfig: n must be >= 1, got -1"):
+    with pytest.raises(ConfigError, match="synth.yaml: 'n' must be >= 1, got -1"):
         load_config(path, SynthConfig)
     path.write_text("layout: [unclosed\n")
     with pytest.raises(ConfigError, match="synth.yaml: not valid YAML"):

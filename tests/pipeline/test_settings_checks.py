@@ -29,13 +29,14 @@ from pipeline.tune_config import (
     leaf_keys,
     load_space,
 )
+from preprocessing.augment import AugmentConfig, GeometricConfig, PhotometricConfig
 from preprocessing.dataflow import PreprocessConfig
 from preprocessing.synth import SynthConfig
 from tests.conftest import REPO_ROOT
 
-# The config dataclasses the pipeline reads from files (a space file's keys besides `space`
-# included); a dataclass added under them is walked too.
-CONFIG_ROOTS = (TrainConfig, SweepConfig, SpaceSettings)
+# The config dataclasses every stage reads from files (a space file's keys besides `space`
+# included); a dataclass added under them (PreprocessConfig's `augment`) is walked too.
+CONFIG_ROOTS = (TrainConfig, SweepConfig, SpaceSettings, SynthConfig, PreprocessConfig)
 # Keys whose value becomes a file, folder or MLflow name.
 NAME_WORDS = ("name", "experiment", "registered_model")
 SCALARS = (int, float, str)
@@ -124,7 +125,7 @@ def test_every_numeric_field_declares_a_range():
     found = [(cls.__name__, leaf) for cls in CONFIG_ROOTS for leaf in numeric(cls)]
     missing = [f"{owner}.{leaf.key}" for owner, leaf in found if leaf.range is None]
     assert not missing, f"numeric config fields without a Range in their annotation: {missing}"
-    assert len(found) >= 35  # the walk reaches them all
+    assert len(found) >= 66  # the walk reaches them all
 
 
 @pytest.mark.parametrize(("cls", "leaf"), every(numeric))
@@ -147,21 +148,31 @@ def test_nan_inf_and_values_outside_the_range_are_refused_by_key(cls, leaf, tmp_
         load_config(path, cls)
 
 
+# The preprocessing stages' configs are also built in code (benchmarks, the demo): there each one
+# checks its own fields against the same rules and names the field.
+BUILT_IN_CODE = (SynthConfig, PreprocessConfig, AugmentConfig, GeometricConfig, PhotometricConfig)
+
+
+@pytest.mark.parametrize(("cls", "leaf"), [pytest.param(cls, leaf, id=f"{cls.__name__}.{leaf.key}")
+                                           for cls in BUILT_IN_CODE for leaf in numeric(cls)
+                                           if len(leaf.path) == 1])
+def test_configs_built_in_code_meet_the_same_ranges(cls, leaf):
+    rule = leaf.range
+    outside = [just_outside(leaf, rule.ge, -1), rule.gt, just_outside(leaf, rule.le, +1), rule.lt]
+    bad_values = [leaf.kind(value) for value in outside if value is not None]
+    bad_values += [math.nan] if leaf.kind is float else []
+    for bad in bad_values:
+        value = (bad,) * leaf.count if leaf.wrap == "list" else bad
+        with pytest.raises(ValueError) as caught:
+            cls(**{**base_data(cls), leaf.path[0]: value})
+        assert str(caught.value) == f"{leaf.key} must be {rule.refusal(bad)}, got {bad!r}"
+
+
 def just_outside(leaf: Leaf, bound: float | None, direction: int) -> float | None:
     """The value next to an inclusive bound, on the refused side."""
     if bound is None:
         return None
     return bound + direction if leaf.kind is int else math.nextafter(bound, direction * math.inf)
-
-
-@pytest.mark.parametrize("cls", [SynthConfig, PreprocessConfig])
-def test_stage_configs_without_declared_ranges_still_refuse_nan_and_inf(cls, tmp_path):
-    """The preprocessing stages' configs: every float must be finite, whatever its own checks."""
-    floats = [leaf for leaf in leaves(cls) if leaf.kind is float]
-    assert floats
-    for leaf in floats:
-        message = refused(tmp_path / "stage.yaml", cls, leaf.data(math.nan))
-        assert message.startswith(f"{tmp_path / 'stage.yaml'}: '{leaf.key}' must be a finite number")
 
 
 def test_the_reported_failures_stop_at_load(tmp_path):
@@ -174,7 +185,16 @@ def test_the_reported_failures_stop_at_load(tmp_path):
              (TrainConfig, "loss: {num_resampled: -1}", "'loss.num_resampled' must be >= 0, got -1"),
              (TrainConfig, "optim: {lr: .nan}", "'optim.lr' must be a finite number > 0, got nan"),
              (SweepConfig, "trial: {cpus_per_worker: 0}",
-              "'trial.cpus_per_worker' must be a finite number > 0, got 0.0")]
+              "'trial.cpus_per_worker' must be a finite number > 0, got 0.0"),
+             (PreprocessConfig, "val_fraction: 1.0",
+              "'val_fraction' must be a finite number in [0, 1), got 1.0"),
+             (PreprocessConfig, "augment: {copies: 0}", "'augment.copies' must be >= 1, got 0"),
+             (PreprocessConfig, "augment: {geometric: {flip_probability: 1.5}}",
+              "'augment.geometric.flip_probability' must be a finite number in [0, 1], got 1.5"),
+             (SynthConfig, "{layout: 300w, n: 4}",
+              "'layout' must be one of ['300w-lp', 'aflw2000-3d'], got '300w'"),
+             (SynthConfig, "{layout: 300w-lp, n: 4, face_width_px: [230, 150]}",
+              "SynthConfig: face_width_px must be [low, high] with low <= high, got [230.0, 150.0]")]
     for cls, text, message in cases:
         path.write_text(text)
         with pytest.raises(ConfigError) as caught:
