@@ -20,6 +20,7 @@ from models.face_models import load_face_model
 from pipeline.cluster_storage import storage_location
 from pipeline.console import is_verbose
 from pipeline.shard_data import crops_per_source, shard_datasets
+from pipeline.torch_backend import LoopbackTorchConfig
 from pipeline.tracking import TrackingTarget, log_epoch_metrics, tag_run
 from pipeline.train_config import DataConfig, TrainConfig
 from pipeline.worker import CHECKPOINT_FILE, NODE_ID_KEY, WorkerInputs, loop_config, train_loop_per_worker
@@ -79,6 +80,7 @@ def make_trainer(config: TrainConfig, run_dir: Path, manifest: Manifest, trackin
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config(config, worker_inputs(manifest, config.data)),
+        torch_config=LoopbackTorchConfig(),
         scaling_config=ray.train.ScalingConfig(num_workers=config.scaling.num_workers,
                                                use_gpu=config.scaling.use_gpu,
                                                resources_per_worker=resources,
