@@ -13,10 +13,13 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 VERBOSE_ENV = "FRNET_VERBOSE"
 # Loggers whose INFO lines are a library's running commentary, not the project's.
@@ -94,6 +97,60 @@ def setup_console(verbose: bool) -> None:
 def worker_environment() -> dict[str, str]:
     """The variables a Ray job's workers need to keep the driver's console choice."""
     return {name: os.environ[name] for name in (VERBOSE_ENV, "RAY_DATA_LOG_LEVEL") if name in os.environ}
+
+
+def causes(err: BaseException) -> Iterator[BaseException]:
+    """``err`` and every error under it, outermost first: causes and contexts, the error inside a
+    Ray task's error (``cause``), and each worker's error of a failed Ray Train run
+    (``worker_failures``). Ray Data and Ray Train wrap a failed read two or three deep."""
+    seen: set[int] = set()
+    pending = [err]
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        inner = [current.__cause__, current.__context__, getattr(current, "cause", None)]
+        failures = getattr(current, "worker_failures", None)
+        if isinstance(failures, dict):
+            inner += list(failures.values())
+        pending += [error for error in inner if isinstance(error, BaseException)]
+
+
+@contextmanager
+def sigint_seen() -> Iterator[Callable[[], bool]]:
+    """Yields a check: whether Ctrl-C (SIGINT) arrived since the block began, whoever handled it;
+    on leaving, the SIGINT handler of before is put back. Ray Train's ``fit`` installs a handler
+    of its own (it aborts the run, then ``fit`` raises SystemExit) and leaves it installed; Python
+    writes every signal it catches to the wakeup fd whatever the handler, so the signal is read
+    there. Outside the main thread (where signals are not handled) the check is always False."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    os.set_blocking(write_fd, False)
+    handler = signal.getsignal(signal.SIGINT)
+    previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    received = bytearray()
+
+    def seen() -> bool:
+        try:
+            while chunk := os.read(read_fd, 256):
+                received.extend(chunk)
+        except BlockingIOError:  # nothing more to read
+            pass
+        return signal.SIGINT in received
+
+    try:
+        yield seen
+    finally:
+        signal.set_wakeup_fd(previous_fd)
+        if handler is not None:  # None: a handler installed outside Python, left as it is
+            signal.signal(signal.SIGINT, handler)
+        os.close(read_fd)
+        os.close(write_fd)
 
 
 def ray_failure(err: BaseException) -> bool:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 import ray.train
+from ray.train.v2._internal.exceptions import RayTrainError  # where Ray 2.60 keeps Train's errors' base
 
 from models.checkpoint import load_bundle
 from pipeline.cluster_storage import storage_location
@@ -44,8 +45,12 @@ class PreviousRun:
 def previous_run(config: TrainConfig, run_dir: Path, experiment_id: str) -> PreviousRun:
     """The run of ``config.run.name`` in the MLflow experiment and in the storage."""
     found = find_run_by_name(experiment_id, config.run.name)
-    folder = f"{storage_location(config.run.storage_path, run_dir).rstrip('/')}/{config.run.name}"
-    return PreviousRun(*(found or (None, None)), latest_checkpoint(folder))
+    return PreviousRun(*(found or (None, None)), latest_checkpoint(run_folder(config, run_dir)))
+
+
+def run_folder(config: TrainConfig, run_dir: Path) -> str:
+    """Ray Train's folder of the run ``config.run.name`` (a path or URI)."""
+    return f"{storage_location(config.run.storage_path, run_dir).rstrip('/')}/{config.run.name}"
 
 
 def latest_checkpoint(folder: str) -> str | None:
@@ -58,6 +63,20 @@ def latest_checkpoint(folder: str) -> str | None:
     names = sorted(entry.base_name for entry in entries
                    if entry.type == pafs.FileType.Directory and entry.base_name.startswith(CHECKPOINT_PREFIX))
     return f"{folder}/{names[-1]}" if names else None
+
+
+def last_saved(config: TrainConfig, run_dir: Path) -> tuple[str, int] | None:
+    """The checkpoint a resumed run starts from (folder, epoch), or None: the latest that Ray
+    Train registered. A run stopped while its workers report may leave newer folders that were
+    never registered; a resumed run does not read those."""
+    folder = run_folder(config, run_dir)
+    try:
+        result = ray.train.Result.from_path(folder)
+    except (RuntimeError, RayTrainError):  # no run folder, no checkpoint registered, a record half written
+        return None
+    if result.checkpoint is None:
+        return None
+    return f"{folder}/{Path(result.checkpoint.path).name}", int(result.metrics["epoch"])
 
 
 def checkpoint_config(checkpoint: str) -> tuple[dict[str, Any], int]:

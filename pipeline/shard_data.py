@@ -1,24 +1,127 @@
 """Reading the Parquet shards on the driver: Ray datasets for training and validation, and the
-AFLW2000-3D evaluation shards as batches of faces to score."""
+AFLW2000-3D evaluation shards as batches of faces to score; the shards checked against their
+manifest before a run starts, and a shard that fails a read while it runs named in one line."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
+import ray.exceptions
 from ray.data import FileShuffleConfig
 
 from models.frame import CROP_SIZE
+from pipeline.console import causes
 from pipeline.train_config import DataConfig
 from preprocessing.benchmark_sets import FaceBatch
 from preprocessing.datasets import resolve
-from preprocessing.manifest import SPLITS, Manifest
+from preprocessing.manifest import MANIFEST_FILE, SPLITS, Manifest
 from preprocessing.shards import decode_image
 
 TRAINING_COLUMNS = ["image", "label", "landmarks"]
 EVALUATION_COLUMNS = ["id", "image", "roi_box", "pt3d_68", "yaw"]
+MISSING = "missing"
+NOT_PARQUET = "not a Parquet file (truncated?)"
+# Row counts of each shard file (relative path -> rows), where a manifest records them.
+ROWS_BY_FILE = "rows_by_file"
+# Footers read at once: on an object store each is a request or two of latency.
+FOOTER_READERS = 16
+# A shard path as Ray Data's and pyarrow's read errors quote it.
+QUOTED_PARQUET_PATH = re.compile(r"'([^'\n]+\.parquet)'")
+REPREPROCESS = "preprocess again (frnet preprocess ... --overwrite)"
+
+
+class ShardError(ValueError):
+    """A shard file that is missing, is not Parquet, or does not hold the rows its manifest says."""
+
+
+def check_shards(shards: str, manifest: Manifest) -> None:
+    """Every shard file the manifest lists exists, is Parquet, and the rows in the files (their
+    footers only) are the rows the manifest counts: per file where it records them, per split
+    (``counts.rows``) and for the AFLW2000-3D shards (``aflw2000.counts.written``). A ShardError
+    names the file or split and both counts."""
+    expected = {split: manifest.counts.get("rows", {}).get(split) for split in SPLITS}
+    files = {split: manifest.splits[split] for split in SPLITS}
+    if manifest.aflw2000 is not None:
+        expected["aflw2000"] = manifest.aflw2000.counts.get("written")
+        files["aflw2000"] = manifest.aflw2000.shards
+    names = [name for split_files in files.values() for name in split_files]
+    with ThreadPoolExecutor(max_workers=max(1, min(FOOTER_READERS, len(names)))) as pool:
+        rows = dict(zip(names, pool.map(lambda name: shard_rows(shards, name), names), strict=True))
+    by_file = manifest.counts.get(ROWS_BY_FILE) or {}
+    for name in names:
+        if name in by_file and int(by_file[name]) != rows[name]:
+            raise ShardError(f"{shard_display(shards, name)}: holds {rows[name]} rows, but the manifest's "
+                             f"counts.{ROWS_BY_FILE} says {by_file[name]}; {REPREPROCESS}")
+    for split, split_files in files.items():
+        held = sum(rows[name] for name in split_files)
+        key = "aflw2000.counts.written" if split == "aflw2000" else f"counts.rows.{split}"
+        if expected[split] is None:
+            raise ShardError(f"{shard_display(shards, MANIFEST_FILE)}: no {key} to check the {split} "
+                             f"shards against; {REPREPROCESS}")
+        if int(expected[split]) != held:
+            files_held = f"{len(split_files)} file{'' if len(split_files) == 1 else 's'}"
+            raise ShardError(f"{shard_display(shards, MANIFEST_FILE)}: {key} is {expected[split]}, but the "
+                             f"{split} shards ({files_held}) hold {held} rows; {REPREPROCESS}")
+
+
+def shard_rows(shards: str, name: str) -> int:
+    """The rows of one shard file, from its Parquet footer; a ShardError when it is missing or
+    not Parquet."""
+    filesystem, root = resolve(shards)
+    path = f"{root}/{name}"
+    if filesystem.get_file_info(path).type != pafs.FileType.File:
+        raise ShardError(f"{shard_display(shards, name)}: {MISSING}")
+    try:
+        with filesystem.open_input_file(path) as stream:
+            return pq.ParquetFile(stream).metadata.num_rows
+    except pa.ArrowInvalid as err:
+        raise ShardError(f"{shard_display(shards, name)}: {NOT_PARQUET}") from err
+    except OSError as err:
+        raise ShardError(f"{shard_display(shards, name)}: unreadable ({err})") from err
+
+
+def shard_display(shards: str, name: str) -> str:
+    """A shard file as the user named its folder (a path or URI)."""
+    return f"{shards.rstrip('/')}/{name}"
+
+
+def shard_read_failure(err: BaseException) -> str | None:
+    """``PATH: REASON`` for a shard read that failed inside Ray (Ray Train's worker error, Ray's
+    task error, Ray Data's user-code error, pyarrow's or the filesystem's error, in any nesting),
+    or None when ``err`` is no failed read of a Parquet file."""
+    for inner in causes(err):
+        if isinstance(inner, ray.exceptions.RayError) or not isinstance(inner, (pa.ArrowException, OSError)):
+            continue
+        text = str(inner).strip()
+        path = failed_path(inner, text)
+        if path is None:
+            continue
+        if isinstance(inner, FileNotFoundError):
+            reason = MISSING
+        elif isinstance(inner, pa.ArrowInvalid):
+            reason = NOT_PARQUET
+        else:
+            reason = f"unreadable ({text.splitlines()[0]})"
+        return f"{path}: {reason}"
+    return None
+
+
+def failed_path(err: BaseException, text: str) -> str | None:
+    """The Parquet file a read error is about: its ``filename``, the whole message (a bare path),
+    or the first path the message quotes."""
+    filename = getattr(err, "filename", None)
+    for candidate in (str(filename) if filename else "", text):
+        if candidate.endswith(".parquet") and not any(c.isspace() for c in candidate):
+            return candidate
+    found = QUOTED_PARQUET_PATH.search(text)
+    return found.group(1) if found else None
 
 
 def decode_batch(batch: dict[str, np.ndarray], image_format: str) -> dict[str, np.ndarray]:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -41,6 +42,11 @@ CHAMPION = "champion"
 RANKING_TAG = "aflw2000.nme_mean_of_bins"
 # MLflow takes at most this many params in one batch.
 PARAMS_PER_BATCH = 100
+# The process that logs a driver's run, "HOST PID START" (START: its start time in clock ticks
+# since boot, "" where /proc does not tell): a run left RUNNING by a process that is gone is stale.
+DRIVER_TAG = "frnet.driver"
+STALE_TAG = "frnet.ended_by"
+KILLED = "KILLED"
 
 
 # Crops of any square size in; per face 68 landmarks (crop pixels), pose (degrees), parameters.
@@ -78,9 +84,67 @@ def current_store() -> str:
 
 @contextmanager
 def active_run(name: str | None = None, run_id: str | None = None) -> Iterator[TrackingTarget]:
-    """Start (``name``) or continue (``run_id``) the driver's run; yields where it is."""
+    """Start (``name``) or continue (``run_id``) the driver's run, tagged with this process
+    (:data:`DRIVER_TAG`); yields where it is. It ends FINISHED, FAILED on an error, and KILLED
+    when Ctrl-C (KeyboardInterrupt) stops it."""
     with mlflow.start_run(run_name=name, run_id=run_id) as run:
-        yield TrackingTarget(mlflow.get_tracking_uri(), run.info.run_id)
+        mlflow.set_tag(DRIVER_TAG, driver_identity())
+        try:
+            yield TrackingTarget(mlflow.get_tracking_uri(), run.info.run_id)
+        except KeyboardInterrupt:
+            mlflow.end_run(KILLED)
+            raise
+
+
+def driver_identity(pid: int | None = None) -> str:
+    """``HOST PID START`` of a process (default: this one)."""
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()} {pid} {process_start(pid)}".rstrip()
+
+
+def process_start(pid: int) -> str:
+    """When process ``pid`` started, in clock ticks since boot (field 22 of /proc/PID/stat), or ""
+    where it is gone or /proc is absent. With the pid it tells a process from a later one that
+    reuses the pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat[stat.rindex(")") + 2:].split()[19]  # fields from the 3rd, after "pid (comm)"
+
+
+def driver_gone(identity: str) -> bool:
+    """Whether the driver ``identity`` names has certainly exited: it ran on this host and its pid
+    is free or now another process's. A driver on another host cannot be checked from here."""
+    host, _, rest = identity.partition(" ")
+    pid_text, _, start = rest.partition(" ")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if start and Path("/proc/self/stat").exists():
+        return process_start(pid) != start
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def close_stale_runs(experiment_id: str) -> list[tuple[str, str]]:
+    """Mark KILLED every run of the experiment left RUNNING by a driver on this host that has
+    exited (killed hard: SIGKILL, a lost machine); returns their (run id, name)."""
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'")
+    stale = [run for run in runs if run.data.tags.get(DRIVER_TAG) and driver_gone(run.data.tags[DRIVER_TAG])]
+    for run in stale:
+        _, pid, *_ = run.data.tags[DRIVER_TAG].split(" ")
+        client.set_tag(run.info.run_id, STALE_TAG, f"its driver (pid {pid}) exited without ending it")
+        client.set_terminated(run.info.run_id, KILLED)
+        LOG.warning("MLflow run %s (%r) was left RUNNING by a driver that is gone (pid %s on this host): "
+                    "marked KILLED", run.info.run_id, run.info.run_name, pid)
+    return [(run.info.run_id, run.info.run_name) for run in stale]
 
 
 def tracking_uri(configured: str, run_dir: Path) -> str:

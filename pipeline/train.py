@@ -6,13 +6,15 @@
     ray submit cluster.yaml pipeline/train.py -- --config configs/cluster/train.yaml
 
 Runs on the Ray cluster it finds (RAY_ADDRESS, or a running local one), else starts a local one.
-What a run does: :mod:`pipeline.training`.
+What a run does: :mod:`pipeline.training`. Ctrl-C stops a run with exit status 130, printing the
+checkpoint it saved and the command that resumes it.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -23,10 +25,13 @@ from pipeline.config import ConfigError, load_config, with_overrides
 from pipeline.console import run_main
 from pipeline.paths import input_location, input_path
 from pipeline.ray_runtime import RayStartError, start_ray
+from pipeline.shard_data import ShardError, shard_read_failure
 from pipeline.train_config import TrainConfig
-from pipeline.training import train
+from pipeline.training import TrainingInterrupted, train
 
 LOG = logging.getLogger("frnet.train")
+# The shell's status for a command stopped by Ctrl-C (128 + SIGINT).
+INTERRUPTED = 130
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -57,9 +62,47 @@ def load_train_config(args: argparse.Namespace) -> TrainConfig:
     return with_overrides(config, {"data.shards": shards}, source="command line")
 
 
+def resume_command(argv: list[str], name: str, run_dir: Path) -> str:
+    """The command that resumes the run ``name``: the same arguments, ``--name NAME --resume``
+    and the run directory spelt out."""
+    kept: list[str] = []
+    arguments = iter(argv)
+    for argument in arguments:
+        if argument == "--name":
+            next(arguments, None)
+        elif not argument.startswith("--name=") and argument != "--resume":
+            kept.append(argument)
+    if not any(argument == "--run-dir" or argument.startswith("--run-dir=") for argument in kept):
+        kept += ["--run-dir", str(run_dir)]
+    return shlex.join(["frnet", "train", *kept, "--name", name, "--resume"])
+
+
+def interrupted(stop: TrainingInterrupted, argv: list[str], run_dir: Path) -> str:
+    """What a Ctrl-C left: the checkpoint saved, the MLflow run's state, the command to resume."""
+    if stop.saved is None:
+        saved = "no checkpoint to resume from (none registered yet)"
+    else:
+        saved = f"the checkpoint of epoch {stop.saved[1]} in {stop.saved[0]}"
+    return (f"interrupted: run {stop.name!r} stopped; saved: {saved}; MLflow run {stop.run_id} marked "
+            f"KILLED\nresume with: {resume_command(argv, stop.name, run_dir)}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     setup_logging(args.verbose)
+    try:
+        return train_command(args)
+    except TrainingInterrupted as stop:
+        print(interrupted(stop, argv, args.run_dir), file=sys.stderr)
+        return INTERRUPTED
+    except KeyboardInterrupt:
+        print("interrupted before training started: nothing saved", file=sys.stderr)
+        return INTERRUPTED
+
+
+def train_command(args: argparse.Namespace) -> int:
+    """The run of the parsed arguments; its exit status."""
     try:
         config = load_train_config(args)
         start_ray(args.num_cpus, logging_level=logging.WARNING)
@@ -72,9 +115,19 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:  # a run name in use, or a run that cannot be resumed
         LOG.error("%s", err)
         return 2
-    except (FileNotFoundError, ValueError) as err:
+    except ShardError as err:  # found before training: no MLflow run was started
         LOG.error("%s", err)
         return 1
+    except Exception as err:
+        failure = shard_read_failure(err)  # met while training, wrapped by Ray Data and Ray Train
+        if failure is not None:
+            LOG.error("%s (read while training: the run stopped; make the shards whole, then resume with "
+                      "--resume)", failure)
+            return 1
+        if isinstance(err, (FileNotFoundError, ValueError)):
+            LOG.error("%s", err)
+            return 1
+        raise
     best = figures["best"]
     print(f"\nbest epoch {best['epoch']}: validation NME {100 * best['val_nme']:.3f}%"
           f"{' (synthetic data)' if figures['synthetic_data'] else ''}")

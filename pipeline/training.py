@@ -1,7 +1,10 @@
 """A training run on the driver: MLflow run, Ray Train fit, best model file, evaluation gate.
 
-A run name is used once; ``resume`` continues an unfinished run of that name with the same
-config, in the same MLflow run (:mod:`pipeline.resume`). After training,
+Before anything starts, the shard files are checked against the manifest's counts (footers
+only). A run name is used once; ``resume`` continues an unfinished run of that name with the same
+config, in the same MLflow run (:mod:`pipeline.resume`); a run left RUNNING by a driver killed
+hard is marked KILLED first. Ctrl-C ends the MLflow run as KILLED and raises
+:class:`TrainingInterrupted` with the checkpoint the run can resume from. After training,
 the best checkpoint (by validation NME) is written to RUN_DIR/models/NAME.pt and logged to
 MLflow; with AFLW2000-3D shards beside the training shards it is evaluated and registered.
 """
@@ -13,15 +16,21 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import ray.train
 import yaml
+from ray.train.torch import TorchTrainer
 
 from models.checkpoint import load_bundle
 from pipeline.cluster_storage import check_shared, training_folders
 from pipeline.config import to_plain
+from pipeline.console import sigint_seen
 from pipeline.registration import evaluate_and_register
-from pipeline.resume import run_to_continue
+from pipeline.resume import last_saved, run_to_continue
+from pipeline.shard_data import check_shards
 from pipeline.tracking import (
+    TrackingTarget,
     active_run,
+    close_stale_runs,
     current_store,
     learning_rate_params,
     log_metrics,
@@ -32,36 +41,71 @@ from pipeline.tracking import (
 )
 from pipeline.train_config import TrainConfig
 from pipeline.trainer import best_model_file, make_trainer
-from preprocessing.manifest import read_manifest
+from preprocessing.manifest import Manifest, read_manifest
 
 LOG = logging.getLogger("frnet.train")
 
 
+class TrainingInterrupted(Exception):
+    """Ctrl-C stopped the run ``name`` (MLflow run ``run_id``, now KILLED); ``saved`` is its newest
+    checkpoint (folder, epoch), or None when no epoch finished."""
+
+    def __init__(self, name: str, run_id: str, saved: tuple[str, int] | None) -> None:
+        super().__init__(f"run {name!r} interrupted")
+        self.name, self.run_id, self.saved = name, run_id, saved
+
+
 def train(config: TrainConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     """Train, log to MLflow and write the best model file; returns the run's figures. A
-    ConfigError refuses a run name in use (without ``resume``) or a run that cannot be resumed."""
+    ConfigError refuses a run name in use (without ``resume``) or a run that cannot be resumed;
+    a ShardError, shards that are not what the manifest says; TrainingInterrupted, Ctrl-C."""
     run_dir = run_dir.resolve()
     manifest = read_manifest(config.data.shards)
+    check_shards(config.data.shards, manifest)
     check_shared(training_folders("run.storage_path", config.run.storage_path, run_dir, config.data.shards))
     experiment_id = open_store(config.mlflow.tracking_uri, run_dir, config.mlflow.experiment)
+    close_stale_runs(experiment_id)
     continued = run_to_continue(config, run_dir, experiment_id, resume)
+    run_id = continued
+    try:
+        with active_run(name=None if continued else config.run.name, run_id=continued) as run:
+            run_id = run.run_id
+            return tracked_run(config, run_dir, manifest, run)
+    except KeyboardInterrupt as err:
+        raise TrainingInterrupted(config.run.name, run_id or "", last_saved(config, run_dir)) from err
+
+
+def tracked_run(config: TrainConfig, run_dir: Path, manifest: Manifest,
+                run: TrackingTarget) -> dict[str, Any]:
+    """The run inside its MLflow run: training, the best model file, its evaluation."""
     synthetic = manifest.morphable_model.synthetic
     tags = {"synthetic_data": str(synthetic), "morphable_model": manifest.morphable_model.identity}
-    with active_run(name=None if continued else config.run.name, run_id=continued) as run:
-        log_run_config(asdict(config), yaml.safe_dump(to_plain(config), sort_keys=False), manifest.to_dict(),
-                       tags)
-        log_params(learning_rate_params(config))
-        LOG.info("learning rate %.4g: optim.lr %.4g, %s scaling from a global batch of %d to %d",
-                 config.lr, config.optim.lr, config.optim.lr_scaling, config.optim.reference_batch,
-                 config.global_batch)
-        result = make_trainer(config, run_dir, manifest, run).fit()
-        model_path, metrics = best_model_file(result, run_dir / "models" / f"{config.run.name}.pt")
-        bundle, _ = load_bundle(model_path)
-        model_uri = log_served_model(bundle)
-        log_metrics({"best_val_nme": metrics["val_nme"], "best_epoch": metrics["epoch"]})
-        figures = {"run_id": run.run_id, "tracking_uri": current_store(), "model_uri": model_uri,
-                   "model_file": str(model_path), "best": metrics, "synthetic_data": synthetic}
-        if manifest.aflw2000 is not None:
-            figures.update(evaluate_and_register(bundle, config.data.shards, manifest,
-                                                 config.mlflow.registered_model, model_uri, run.run_id))
+    log_run_config(asdict(config), yaml.safe_dump(to_plain(config), sort_keys=False), manifest.to_dict(),
+                   tags)
+    log_params(learning_rate_params(config))
+    LOG.info("learning rate %.4g: optim.lr %.4g, %s scaling from a global batch of %d to %d",
+             config.lr, config.optim.lr, config.optim.lr_scaling, config.optim.reference_batch,
+             config.global_batch)
+    result = fit(make_trainer(config, run_dir, manifest, run))
+    model_path, metrics = best_model_file(result, run_dir / "models" / f"{config.run.name}.pt")
+    bundle, _ = load_bundle(model_path)
+    model_uri = log_served_model(bundle)
+    log_metrics({"best_val_nme": metrics["val_nme"], "best_epoch": metrics["epoch"]})
+    figures = {"run_id": run.run_id, "tracking_uri": current_store(), "model_uri": model_uri,
+               "model_file": str(model_path), "best": metrics, "synthetic_data": synthetic}
+    if manifest.aflw2000 is not None:
+        figures.update(evaluate_and_register(bundle, config.data.shards, manifest,
+                                             config.mlflow.registered_model, model_uri, run.run_id))
     return figures
+
+
+def fit(trainer: TorchTrainer) -> ray.train.Result:
+    """``trainer.fit()``; a KeyboardInterrupt when Ctrl-C stopped it (Ray Train aborts the run on
+    SIGINT itself, and ``fit`` then raises SystemExit)."""
+    with sigint_seen() as interrupted:
+        try:
+            return trainer.fit()
+        except BaseException as err:
+            if interrupted():
+                raise KeyboardInterrupt from err
+            raise

@@ -1,0 +1,222 @@
+"""`frnet train` when things go wrong: shards that are not what the manifest says (refused before
+training, or named in one line when a read fails while it runs), Ctrl-C (a message, the command
+that resumes, exit status 130, the MLflow run KILLED) and a driver killed hard (its MLflow run
+marked KILLED at the next start, then continued)."""
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, to_plain
+from pipeline.resume import last_saved
+from pipeline.shard_data import ShardError, shard_read_failure
+from pipeline.tracking import DRIVER_TAG
+from pipeline.train import load_train_config, parse_args
+from pipeline.train_config import DataConfig, RunConfig, ScalingConfig, TrainConfig
+from pipeline.trainer import make_trainer
+from pipeline.training import train
+from preprocessing.manifest import read_manifest
+from tests.conftest import tiny_shards
+from tests.pipeline.cluster_harness import FOREIGN_ENV, VENV_BIN, tail
+
+pytestmark = pytest.mark.slow
+TRAIN_SHARD = "train/part-00000.parquet"
+VAL_SHARD = "val/part-00000.parquet"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, ray_local):
+    return tiny_shards(tmp_path_factory.mktemp("faults-data"), seed=37)
+
+
+def small_config(shards, name: str, epochs: int, workers: int = 2) -> TrainConfig:
+    return TrainConfig(
+        epochs=epochs,
+        data=DataConfig(shards=str(shards), batch_size=8, shuffle_buffer=16, eval_batch_size=16),
+        scaling=ScalingConfig(num_workers=workers, cpus_per_worker=0.4),
+        run=RunConfig(name=name, max_failures=0),
+    )
+
+
+def copy_of(shards: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(shards, tmp_path / "shards"))
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def edit_manifest(shards: Path, edit) -> None:
+    path = shards / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def plant(case: str, shards: Path) -> str:
+    """Damage a copy of the shards; returns the one-line error training must give."""
+    where = f"{shards}/manifest.json"
+    if case == "truncated":
+        truncate(shards / TRAIN_SHARD)
+        return f"{shards}/{TRAIN_SHARD}: not a Parquet file (truncated?)"
+    if case == "missing":
+        (shards / VAL_SHARD).unlink()
+        return f"{shards}/{VAL_SHARD}: missing"
+    if case == "split count":
+        edit_manifest(shards, lambda m: m["counts"]["rows"].update(train=m["counts"]["rows"]["train"] + 5))
+        return f"{where}: counts.rows.train is 21, but the train shards (1 file) hold 16 rows"
+    if case == "file count":
+        edit_manifest(shards, lambda m: m["counts"].update(rows_by_file={TRAIN_SHARD: 16, VAL_SHARD: 15}))
+        return f"{shards}/{VAL_SHARD}: holds 16 rows, but the manifest's counts.rows_by_file says 15"
+    assert case == "evaluation count"
+    # inputs too: the counts still reconcile (inputs = written + quarantined + skipped)
+    edit_manifest(shards, lambda m: m["aflw2000"]["counts"].update(
+        written=m["aflw2000"]["counts"]["written"] - 1, inputs=m["aflw2000"]["counts"]["inputs"] - 1))
+    return f"{where}: aflw2000.counts.written is 3, but the aflw2000 shards (1 file) hold 4 rows"
+
+
+@pytest.mark.parametrize("case", ["truncated", "missing", "split count", "file count", "evaluation count"])
+def test_shards_unlike_their_manifest_are_refused_before_training(case, shards, tmp_path):
+    """Each plant is found from the footers alone, before any MLflow run or Ray Train run."""
+    damaged = copy_of(shards, tmp_path)
+    expected = plant(case, damaged)
+    run_dir = tmp_path / "run"
+    with pytest.raises(ShardError) as caught:
+        train(small_config(damaged, "faulty", epochs=1), run_dir)
+    assert str(caught.value).startswith(expected), str(caught.value)
+    assert "\n" not in str(caught.value)
+    assert not (run_dir / "mlflow.db").exists() and not (run_dir / "ray").exists()
+
+
+def test_the_command_names_the_truncated_shard_in_one_line(shards, tmp_path):
+    damaged = copy_of(shards, tmp_path)
+    expected = plant("truncated", damaged)
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump(to_plain(small_config(damaged, "faulty", epochs=1))))
+    env = {key: value for key, value in os.environ.items() if key not in FOREIGN_ENV}
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "train", "--config", str(config), "--run-dir",
+         str(tmp_path / "run"), "--num-cpus", "1"], capture_output=True, text=True, timeout=300, env=env,
+        cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    errors = [line for line in output.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and errors[0].endswith(
+        f"ERROR frnet.train: {expected}"), output[-3000:]
+    assert "Traceback" not in output
+
+
+def test_a_shard_that_breaks_while_training_is_named_in_one_line(shards, tmp_path):
+    """The shards pass the check, then change under the run: the read error Ray Train reports
+    (the worker's error, Ray's task error, pyarrow's error inside) comes down to the shard."""
+    damaged = copy_of(shards, tmp_path)
+    manifest = read_manifest(str(damaged))
+    config = small_config(damaged, "broken", epochs=1, workers=1)
+    trainer = make_trainer(config, tmp_path / "run", manifest, None)
+    truncate(damaged / TRAIN_SHARD)  # after the datasets were made: the workers' reads fail
+    with pytest.raises(Exception) as caught:
+        trainer.fit()
+    assert shard_read_failure(caught.value) == f"{damaged}/{TRAIN_SHARD}: not a Parquet file (truncated?)"
+
+    (damaged / TRAIN_SHARD).unlink()  # gone before the datasets are made: the driver's read fails
+    with pytest.raises(Exception) as caught:
+        make_trainer(config, tmp_path / "run", manifest, None)
+    assert shard_read_failure(caught.value) == f"{damaged}/{TRAIN_SHARD}: missing"
+    assert shard_read_failure(RuntimeError("not a read")) is None
+
+
+def test_a_hard_kill_and_ctrl_c_leave_a_true_record(shards, tmp_path, processes):
+    """SIGKILL the driver once its MLflow run exists: the run stays RUNNING until the next start
+    marks it KILLED. `--resume` continues it; Ctrl-C then stops it with the checkpoint saved, the
+    command that resumes, exit status 130 and the run KILLED; that command finishes it from there."""
+    keeper, _ = processes
+    run_dir, name = tmp_path / "run", "halted"
+    config = small_config(shards, name, epochs=4)
+    plain = to_plain(config)
+    plain["data"]["batch_size"] = 2  # more steps: epochs of a few seconds
+    config_path = tmp_path / "train.yaml"
+    config_path.write_text(yaml.safe_dump(plain))
+    env = {key: value for key, value in os.environ.items() if key not in FOREIGN_ENV}
+    command = [str(VENV_BIN / "frnet"), "train", "--config", str(config_path), "--run-dir", str(run_dir),
+               "--num-cpus", "2"]
+    store = run_dir.resolve() / "mlflow.db"
+
+    popen, log_path = keeper.start("train-killed", command, env)
+    wait_until(lambda: any(DRIVER_TAG in run.data.tags for run in runs_named(store, name)), popen, log_path)
+    popen.send_signal(signal.SIGKILL)  # the driver only, as the OOM killer would
+    popen.wait(timeout=30)
+    assert not keeper.stop({popen.pid})  # the Ray processes it started
+    killed = runs_named(store, name)
+    assert [run.info.status for run in killed] == ["RUNNING"]  # what a hard kill leaves
+    run_id = killed[0].info.run_id
+    client = mlflow.MlflowClient(f"sqlite:///{store}")
+
+    # The next start marks it, whatever it then does: a new name ...
+    with pytest.raises(ConfigError, match="--resume: no run named 'other' to continue"):
+        train(small_config(shards, "other", epochs=4), run_dir, resume=True)
+    assert client.get_run(run_id).info.status == "KILLED"
+    # ... or the same name without --resume, refused and saying so.
+    with pytest.raises(ConfigError, match=rf"a run named '{name}' exists \(MLflow run {run_id} \(killed\)"):
+        train(config, run_dir)
+
+    popen, log_path = keeper.start("train-resumed", [*command, "--resume"], env)
+    wait_until(lambda: last_saved(config, run_dir) is not None, popen, log_path)
+    assert client.get_run(run_id).info.status == "RUNNING"  # continued, not a new run
+    os.killpg(popen.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole process group
+    assert popen.wait(timeout=180) == 130, tail(log_path)
+    output = log_path.read_text()
+    saved = re.search(rf"interrupted: run '{name}' stopped; saved: the checkpoint of epoch (\d) in "
+                      rf"{run_dir.resolve()}/ray/{name}/checkpoint_\S+; MLflow run {run_id} marked KILLED\n",
+                      output)
+    assert saved and 1 <= int(saved.group(1)) < 4, tail(log_path)
+    resume = re.search(r"^resume with: (frnet train .*)$", output, re.MULTILINE)
+    assert resume and resume.group(1) == shlex.join(
+        ["frnet", "train", *command[2:], "--name", name, "--resume"]), output[-2000:]
+    assert client.get_run(run_id).info.status == "KILLED"
+
+    # The printed command, run here (the session's Ray is up): the epochs after the saved one.
+    args = parse_args(shlex.split(resume.group(1))[2:])
+    resumed_at = time.time() * 1000
+    figures = train(load_train_config(args), args.run_dir, resume=args.resume)
+    assert figures["run_id"] == run_id
+    assert [(run.info.run_id, run.info.status) for run in runs_named(store, name)] == [(run_id, "FINISHED")]
+    assert not client.search_runs([killed[0].info.experiment_id], "attributes.status = 'RUNNING'")
+    history = client.get_metric_history(run_id, "val_nme")
+    assert sorted({m.step for m in history}) == [1, 2, 3, 4]
+    assert sorted(m.step for m in history if m.timestamp >= resumed_at) == \
+        list(range(int(saved.group(1)) + 1, 5))  # from the checkpoint the message named, none twice
+
+
+def wait_until(condition, popen: subprocess.Popen, log_path: Path) -> None:
+    """Until ``condition()`` holds, while the command runs."""
+    deadline = time.monotonic() + 300
+    while not condition():
+        assert popen.poll() is None, tail(log_path)
+        assert time.monotonic() < deadline, tail(log_path)
+        time.sleep(0.2)
+
+
+def runs_named(store: Path, name: str) -> list:
+    """The runs named ``name`` in the sqlite store, none before the driver has made it (a client
+    opening a store that is not there would make one, racing the driver)."""
+    if not store.exists():
+        return []
+    client = mlflow.MlflowClient(f"sqlite:///{store}")
+    try:
+        experiment = client.get_experiment_by_name("mobile-frnet")
+    except mlflow.exceptions.MlflowException:  # its tables still being made
+        return []
+    if experiment is None:
+        return []
+    return client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{name}'")
