@@ -1,9 +1,11 @@
 """Ray Tune sweeps over the loss weights, Wing's omega/epsilon and any other training key; each
 trial is a full Ray Train run, tracked in MLflow as one parent run with a nested run per trial.
 
-ASHA stops weak trials on their validation NME; afterwards the sweep's table and plots go to
-the parent run, and the best trial's best checkpoint is evaluated on the AFLW2000-3D shards,
-registered, and made ``champion`` only if it beats the current one.
+A searcher (random, or Optuna's TPE) picks each trial's values, as many trials run at once as
+the cluster holds (:mod:`pipeline.sweep_search`), and ASHA stops weak trials on their validation
+NME; afterwards the sweep's table and plots go to the parent run, and the best trial's best
+checkpoint is evaluated on the AFLW2000-3D shards, registered, and made ``champion`` only if it
+beats the current one. The sweep's own files live in its storage (:mod:`pipeline.sweep_state`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +21,9 @@ import ray
 import ray.train
 import ray.tune
 import yaml
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY as CHECKPOINT_PATH
 from ray.tune.integration.ray_train import TuneReportCallback
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.search import BasicVariantGenerator
+from ray.tune.schedulers import FIFOScheduler
 
 from models.checkpoint import load_bundle
 from pipeline.cluster_storage import check_shared, storage_location, training_folders
@@ -31,6 +33,20 @@ from pipeline.paths import input_location
 from pipeline.registration import evaluate_and_register
 from pipeline.sweep_report import COMPLETED, FAILED, STOPPED, TrialRow, plot_against_keys, plot_curves, ranked
 from pipeline.sweep_report import write_table as write_results_table
+from pipeline.sweep_search import (
+    TRIAL_DRIVER_CPU,
+    cluster_nodes,
+    plan_concurrency,
+    search_algorithm,
+    search_domain,
+)
+from pipeline.sweep_state import (
+    ASHA_RUNGS,
+    ResumableASHA,
+    read_text,
+    store_sweep_files,
+    sweep_file_location,
+)
 from pipeline.tracking import (
     TrackingTarget,
     active_run,
@@ -44,6 +60,7 @@ from pipeline.tracking import (
     log_metrics,
     log_params,
     log_served_model,
+    metric_history,
     nested_run,
     open_store,
     set_tags,
@@ -65,8 +82,7 @@ from preprocessing.manifest import read_manifest
 LOG = logging.getLogger("frnet.tune")
 METRIC = "val_nme"
 BEST_CONFIG = "best_train.yaml"  # in the sweep folder
-ASHA_RUNGS = "asha_rungs.json"  # in the sweep folder: ASHA's state, for --resume
-TRIAL_DRIVER_CPU = 0.01
+SWEEP_STATE = "sweep.json"  # the SweepContext, in the sweep folder and the sweep's storage
 # A resource Ray gives the head node only.
 HEAD_NODE_RESOURCE = "node:__internal_head__"
 
@@ -98,6 +114,8 @@ class SweepContext:
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
+    trials_at_once: int = 1  # planned when the sweep started; Tune keeps it with its searcher
+    concurrency: str = ""  # why that many
 
 
 # -- the trial ----------------------------------------------------------------------------------
@@ -124,8 +142,24 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
     target = trial_run(context, trial_id, train_config, config["search"])
     trainer = make_trainer(train_config, Path(context.run_dir), manifest, target,
                            callbacks=[TuneReportCallback()])
-    trainer.fit()
+    trained = len(metric_history(target, METRIC))  # epochs a run before an interruption logged
+    result = trainer.fit()
+    if trained >= train_config.epochs:
+        report_finished_run(result, trained)
     end_run(target, "FINISHED")
+
+
+def report_finished_run(result: ray.train.Result, epoch: int) -> None:
+    """A resumed trial whose Train run had already trained every epoch: the run reports nothing
+    now, and Tune may not have taken its last report before the interruption (it refuses a
+    trial that ends without its metric), so the last epoch is reported again."""
+    metrics = {key: value for key, value in (result.metrics or {}).items() if key in (METRIC, "epoch")}
+    if METRIC not in metrics:
+        raise RuntimeError(f"{result.path}: the finished Train run has no {METRIC} to report")
+    metrics.setdefault("epoch", epoch)
+    if result.checkpoint is not None:
+        metrics[CHECKPOINT_PATH] = result.checkpoint.path
+    ray.tune.report(metrics)
 
 
 def trial_run(context: SweepContext, trial_id: str, config: TrainConfig, searched: dict[str, Any],
@@ -142,32 +176,20 @@ def find_trial_run(context: SweepContext, trial_id: str) -> str:
 
 # -- the sweep ----------------------------------------------------------------------------------
 
-def search_domain(dimension: Dimension) -> Any:
-    if dimension.distribution == "uniform":
-        return ray.tune.uniform(dimension.low, dimension.high)
-    if dimension.distribution == "loguniform":
-        return ray.tune.loguniform(dimension.low, dimension.high)
-    if dimension.distribution == "randint":
-        return ray.tune.randint(int(dimension.low), int(dimension.high))
-    if dimension.distribution == "choice":
-        return ray.tune.choice(list(dimension.values))
-    return ray.tune.grid_search(list(dimension.values))
-
-
 def make_tuner(context: SweepContext, space: SearchSpace, sweep: SweepConfig, resume: bool) -> ray.tune.Tuner:
-    # The trial itself only waits on its Train run, whose workers hold the resources; Tune
-    # refuses an empty request, so it asks for a token share of a CPU. Trials run on the head
-    # node, as the sweep's driver does: their Train controllers log the epochs to the store there.
+    """A new sweep's Tuner, or the interrupted one's with its searcher and trials (Tune restores
+    the search algorithm it saved, its concurrency included)."""
+    # Trials run on the head node, as the sweep's driver does: their Train controllers log the
+    # epochs to the store there.
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, context=context),
                                         {"CPU": TRIAL_DRIVER_CPU, HEAD_NODE_RESOURCE: TRIAL_DRIVER_CPU})
-    filesystem, root = resolve(context.storage)
     experiment = f"{context.storage.rstrip('/')}/{context.name}"
     if resume:
         if not ray.tune.Tuner.can_restore(experiment):
             raise FileNotFoundError(f"{experiment}: no Tune state to resume")
         return ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
     if space.scheduler.name == "asha":
-        scheduler = ResumableASHA(Path(context.run_dir) / "tune" / context.name / ASHA_RUNGS,
+        scheduler = ResumableASHA(sweep_file_location(context.storage, context.name, ASHA_RUNGS),
                                   time_attr="epoch", max_t=sweep.epochs,
                                   grace_period=space.scheduler.grace_period,
                                   reduction_factor=space.scheduler.reduction_factor)
@@ -178,58 +200,12 @@ def make_tuner(context: SweepContext, space: SearchSpace, sweep: SweepConfig, re
         param_space={"search": {key: search_domain(d) for key, d in space.dimensions.items()}},
         tune_config=ray.tune.TuneConfig(
             metric=METRIC, mode="min", scheduler=scheduler, num_samples=space.num_samples,
-            # Tune applies max_concurrent_trials only to a search algorithm it builds itself.
-            search_alg=BasicVariantGenerator(random_state=space.searcher.seed,
-                                             max_concurrent=sweep.max_concurrent_trials),
+            search_alg=search_algorithm(space, context.trials_at_once),
             trial_name_creator=lambda trial: trial.trial_id,
             trial_dirname_creator=lambda trial: trial.trial_id),
         run_config=ray.tune.RunConfig(name=context.name, storage_path=context.storage,
                                       verbose=1 if is_verbose() else 0, callbacks=[TrialLines()]),
     )
-
-
-class ResumableASHA(ASHAScheduler):
-    """ASHA that keeps its rungs (each trial's result at each milestone) in a file in the sweep
-    folder. Tune restores a resumed sweep's searcher but not its scheduler's rungs, so without it
-    a trial after the interruption would be judged against only the trials that ran after it."""
-
-    def __init__(self, state_path: Path, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.state_path = str(state_path)
-        self.loaded = False
-
-    def _rungs(self) -> list[list[dict[str, float]]]:
-        return [[recorded for _, recorded in bracket._rungs] for bracket in self._brackets]
-
-    def _load(self) -> None:
-        if self.loaded:
-            return
-        self.loaded = True
-        path = Path(self.state_path)
-        if path.exists():
-            for rungs, saved in zip(self._rungs(), json.loads(path.read_text()), strict=True):
-                for recorded, values in zip(rungs, saved, strict=True):
-                    recorded.update(values)
-
-    def _save(self) -> None:
-        rungs = [[{trial: float(value) for trial, value in recorded.items()} for recorded in bracket]
-                 for bracket in self._rungs()]
-        Path(self.state_path).write_text(json.dumps(rungs))
-
-    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
-        self._load()
-        super().on_trial_add(tune_controller, trial)
-
-    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-        self._load()
-        action = super().on_trial_result(tune_controller, trial, result)
-        self._save()
-        return action
-
-    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
-        self._load()
-        super().on_trial_complete(tune_controller, trial, result)
-        self._save()
 
 
 class TrialLines(ray.tune.Callback):
@@ -269,8 +245,8 @@ def collect_rows(grid: ray.tune.ResultGrid, context: SweepContext, epochs: int) 
         if frame is not None and METRIC in frame:
             frame = frame.dropna(subset=[METRIC]).drop_duplicates("epoch", keep="last")
             curve = [(int(e), float(v)) for e, v in zip(frame["epoch"], frame[METRIC], strict=True)]
-            if curve and "checkpoint_path" in frame:
-                checkpoint = str(frame.loc[frame[METRIC].idxmin(), "checkpoint_path"])
+            if curve and CHECKPOINT_PATH in frame:
+                checkpoint = str(frame.loc[frame[METRIC].idxmin(), CHECKPOINT_PATH])
         if result.error is not None:
             state = FAILED
         else:
@@ -337,23 +313,21 @@ def register_best(best: TrialRow, context: SweepContext, base: TrainConfig) -> d
 
 
 def prepare(args: SweepRequest) -> tuple[SweepContext, SearchSpace, SweepConfig, Path]:
-    """A new sweep (parent MLflow run, its folder) or, with --resume, the stored one."""
+    """A new sweep (parent MLflow run, its folder, its files in its storage) or, with --resume,
+    the stored one."""
     run_dir = args.run_dir.resolve()
     flags = (("name", args.name), ("epochs", args.epochs), ("storage_path", args.storage))
     overrides = {k: v for k, v in flags if v is not None}
     sweep = load_sweep_config(args.config, overrides)
     sweep_dir = run_dir / "tune" / sweep.name
-    state_path = sweep_dir / "sweep.json"
     if args.resume:
-        if not state_path.exists():
-            raise ConfigError(f"{state_path}: no sweep named {sweep.name!r} to resume in {run_dir}")
-        context = SweepContext(**json.loads(state_path.read_text()))
-        base = from_dict(TrainConfig, context.base, source=str(state_path))
-        sweep = from_dict(SweepConfig, context.sweep, source=str(state_path))
-        return context, load_space(sweep_dir / "space.yaml", base), sweep, sweep_dir
-    if state_path.exists():
-        raise ConfigError(f"a sweep named {sweep.name!r} exists in {sweep_dir}: --resume continues it, "
-                         "--name starts another")
+        return stored_sweep(storage_location(sweep.storage_path, run_dir), sweep.name, run_dir)
+    state_path = sweep_dir / SWEEP_STATE
+    storage = storage_location(sweep.storage_path, run_dir)
+    if state_path.exists() or read_text(sweep_file_location(storage, sweep.name, SWEEP_STATE)) is not None:
+        where = sweep_dir if state_path.exists() else f"{storage}/{sweep.name}"
+        raise ConfigError(f"a sweep named {sweep.name!r} exists in {where}: --resume continues it, "
+                          "--name starts another")
     base_overrides = {"data.shards": args.shards} if args.shards else {}
     base = base_train_config(args.config, sweep, base_overrides)
     # Trials run in working directories of their own, perhaps on other nodes: an absolute path.
@@ -382,12 +356,50 @@ def prepare(args: SweepRequest) -> tuple[SweepContext, SearchSpace, SweepConfig,
                     **{f"space.{k}": _describe(d) for k, d in space.dimensions.items()},
                     "space.num_samples": space.num_samples})
         log_dict(manifest.to_dict(), "manifest.json")
+    at_once = plan_concurrency(sweep, cluster_nodes(), expected_trials(space))
     context = SweepContext(
-        name=sweep.name, run_dir=str(run_dir),
-        storage=storage_location(sweep.storage_path, run_dir), base=to_plain(base), sweep=to_plain(sweep),
-        tracking_uri=parent.tracking_uri, experiment_id=experiment_id, parent_run_id=parent.run_id)
+        name=sweep.name, run_dir=str(run_dir), storage=storage, base=to_plain(base), sweep=to_plain(sweep),
+        tracking_uri=parent.tracking_uri, experiment_id=experiment_id, parent_run_id=parent.run_id,
+        trials_at_once=at_once.trials, concurrency=at_once.reason)
     state_path.write_text(json.dumps(asdict(context), indent=2) + "\n")
+    store_sweep_files(storage, sweep.name, [state_path, sweep_dir / "space.yaml", sweep_dir / "tune.yaml"])
     return context, space, sweep, sweep_dir
+
+
+def stored_sweep(storage: str, name: str, run_dir: Path,
+                 ) -> tuple[SweepContext, SearchSpace, SweepConfig, Path]:
+    """The sweep ``name`` as its storage keeps it (else, for a sweep started before the storage
+    held its files, as this run folder does), with this head's run folder: its files are
+    copied there, and the best model will be."""
+    sweep_dir = run_dir / "tune" / name
+    local = sweep_dir / SWEEP_STATE
+    stored = read_text(sweep_file_location(storage, name, SWEEP_STATE))
+    if stored is None and not local.exists():
+        raise ConfigError(f"{sweep_file_location(storage, name, SWEEP_STATE)}: no sweep named {name!r} to "
+                          f"resume in {storage} (nor in {run_dir}); the storage path (storage_path, "
+                          "--storage) must be the one it started with")
+    context = SweepContext(**json.loads(local.read_text() if stored is None else stored))
+    context = replace(context, run_dir=str(run_dir))
+    check_store_reachable(context)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    for file_name in (SWEEP_STATE, "space.yaml", "tune.yaml"):
+        text = read_text(sweep_file_location(storage, name, file_name))
+        if text is not None:
+            (sweep_dir / file_name).write_text(text)
+    local.write_text(json.dumps(asdict(context), indent=2) + "\n")
+    base = from_dict(TrainConfig, context.base, source=str(local))
+    sweep = from_dict(SweepConfig, context.sweep, source=str(local))
+    return context, load_space(sweep_dir / "space.yaml", base), sweep, sweep_dir
+
+
+def check_store_reachable(context: SweepContext) -> None:
+    """A sweep's MLflow store must be reachable from the head that resumes it: a sqlite file
+    stays on the head that started the sweep."""
+    prefix = "sqlite:///"
+    if context.tracking_uri.startswith(prefix) and not Path(context.tracking_uri[len(prefix):]).exists():
+        raise ConfigError(f"sweep {context.name}: its MLflow store {context.tracking_uri} is not on this "
+                          "machine; resume it on the head that has it, or give sweeps an MLflow server "
+                          "(mlflow.tracking_uri: http://...) that every head reaches")
 
 
 def _describe(dimension: Dimension) -> str:
@@ -400,15 +412,18 @@ def tune_sweep(args: SweepRequest) -> dict[str, Any]:
     """Run (or resume) a sweep; returns its figures."""
     context, space, sweep, sweep_dir = prepare(args)
     use_store(context.tracking_uri)
-    LOG.info("sweep %s: %d samples over %s, %s; MLflow parent run %s", context.name, space.num_samples,
-             ", ".join(space.dimensions), space.scheduler.name, context.parent_run_id)
+    LOG.info("sweep %s: %d samples over %s, searcher %s, %s; MLflow parent run %s", context.name,
+             space.num_samples, ", ".join(space.dimensions), space.searcher.name, space.scheduler.name,
+             context.parent_run_id)
+    LOG.info("sweep %s: %s%s", context.name, context.concurrency,
+             " (planned when it started)" if args.resume else "")
     grid = make_tuner(context, space, sweep, args.resume).fit()
-    finished = grid.num_terminated + grid.num_errors
-    if finished < expected_trials(space):
+    if ended_trials(grid) < expected_trials(space):
+        storage = f" --storage {args.storage}" if args.storage else ""
         raise SweepInterrupted(
             f"sweep {context.name} stopped before all {expected_trials(space)} trials finished; "
             f"continue it with: frnet tune --config {args.config} --run-dir {args.run_dir} "
-            f"--name {context.name} --resume")
+            f"--name {context.name}{storage} --resume")
     rows = collect_rows(grid, context, sweep.epochs)
     close_trial_runs(rows, context)
     figures: dict[str, Any] = {"sweep": context.name, "parent_run_id": context.parent_run_id,
@@ -428,6 +443,7 @@ def tune_sweep(args: SweepRequest) -> dict[str, Any]:
         figures["best_trial"] = best.trial_id
         figures["best_config"] = str(write_best_config(best, base, sweep_dir / BEST_CONFIG))
         log_artifact(sweep_dir / BEST_CONFIG, "sweep")
+        store_sweep_files(context.storage, context.name, [sweep_dir / "results.csv", sweep_dir / BEST_CONFIG])
         figures.update(register_best(best, context, base))
     figures["synthetic_data"] = read_manifest(base.data.shards).morphable_model.synthetic
     figures["sweep_dir"] = str(sweep_dir)
@@ -436,6 +452,13 @@ def tune_sweep(args: SweepRequest) -> dict[str, Any]:
 
 class SweepInterrupted(RuntimeError):
     """The sweep stopped (Ctrl-C, SIGUSR1) before every trial finished; Tune saved its state."""
+
+
+def ended_trials(grid: ray.tune.ResultGrid) -> int:
+    """Trials that ran to their end or failed. Interrupted, Tune counts the trials it had created
+    but not started as terminated, without a result: they start on --resume."""
+    never_started = sum(result.error is None and not result.metrics for result in grid)
+    return grid.num_terminated + grid.num_errors - never_started
 
 
 def expected_trials(space: SearchSpace) -> int:

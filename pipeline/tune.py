@@ -5,6 +5,7 @@
     ray submit cluster.yaml pipeline/tune.py -- --config configs/cluster/tune.yaml \\
         --space tune_spaces/default.yaml
     frnet tune ... --resume      # continue the interrupted sweep of the same name
+    frnet tune --config C --storage S --name N --resume   # ... from another head, given its storage
 
 What a sweep does: :mod:`pipeline.sweep`.
 """
@@ -42,7 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--name", help="override the sweep's name")
     parser.add_argument("--epochs", type=int, help="override the epochs per trial (ASHA's max_t)")
     parser.add_argument("--num-samples", type=int, help="override the space's num_samples")
-    parser.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this name")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this name "
+                        "(read from its storage: any head with the same storage path can)")
     parser.add_argument("--run-dir", type=Path, default=Path("runs/default"),
                         help="where the Ray results, the MLflow store and the model files go")
     parser.add_argument("--num-cpus", type=int, help="CPUs of a local Ray started here (default: all)")

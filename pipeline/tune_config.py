@@ -4,7 +4,8 @@ search space file ``tune_spaces/NAME.yaml`` (distributions, scheduler, searcher)
 Search-space keys are the dotted keys of :class:`pipeline.train_config.TrainConfig`
 (``loss.lambda1``, ``optim.lr``, ...); every bound and value is checked by building a
 ``TrainConfig`` with it, so a space cannot name a key or a value that training would refuse:
-the same types, ranges (NaN and inf never) and name rules as a training config file.
+the same types, ranges (NaN and inf never) and name rules as a training config file. A
+distribution the chosen searcher cannot sample is refused with the file too.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pipeline.config import (
 )
 from pipeline.train_config import (
     AT_LEAST_1,
+    NON_NEGATIVE,
     POSITIVE,
     RESOURCE_AMOUNT,
     SEED_RANGE,
@@ -40,6 +42,8 @@ NOT_SEARCHABLE = ("run.", "mlflow.", "scaling.", "data.shards", "epochs")
 # A trial's training run is named "<sweep>-<trial id>" (Tune's ids: 11 characters), and that name
 # must pass run.name's rule (128 characters).
 SWEEP_NAME = Name(max_length=100)
+# Optuna stores a categorical's choices as they are: only these types (optuna.distributions).
+OPTUNA_CHOICE_TYPES = (type(None), bool, int, float, str)
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,11 @@ class SweepConfig:
     train_config: str = "train.yaml"  # the base training config, relative to this file
     epochs: Annotated[int, AT_LEAST_1] = 30  # per trial; ASHA's max_t
     trial: TrialResources = field(default_factory=TrialResources)
-    max_concurrent_trials: Annotated[int, AT_LEAST_1] = 1
+    # An upper bound on the trials running at once; null: as many as the cluster's resources hold.
+    max_concurrent_trials: Annotated[int, AT_LEAST_1] | None = None
+    # CPUs no trial's workers may take: Ray Data's read tasks need a whole free CPU each, and a
+    # cluster whose CPUs all go to workers stalls its reads.
+    reserved_cpus: Annotated[float, NON_NEGATIVE] = 1.0
     storage_path: str = ""  # empty: RUN_DIR/ray; shared storage (s3://, NFS) on a cluster
     register: bool = True  # evaluate the best trial on AFLW2000-3D and register it
 
@@ -92,8 +100,12 @@ class SchedulerSpec:
 
 @dataclass(frozen=True)
 class SearcherSpec:
-    name: Literal["random"] = "random"  # Tune's random search (grid dimensions run in order)
+    # random: Tune's random search (grid dimensions run in order); optuna: Optuna's TPE, a model of
+    # which values gave low NMEs, through Tune's OptunaSearch.
+    name: Literal["random", "optuna"] = "random"
     seed: Annotated[int, SEED_RANGE] = 0
+    # optuna: trials sampled at random before TPE models the results (Optuna's default: 10).
+    startup_trials: Annotated[int, AT_LEAST_1] = 10
 
 
 @dataclass(frozen=True)
@@ -141,6 +153,9 @@ def load_space(path: Path, base: TrainConfig) -> SearchSpace:
         raise ConfigError(f"{source}: 'space' must map at least one training key to a distribution")
     dimensions = {key: _dimension(key, spec, base, source) for key, spec in raw_space.items()}
     settings = from_dict(SpaceSettings, data, source)
+    if settings.searcher.name == "optuna":
+        for key, dimension in dimensions.items():
+            _check_optuna(dimension, f"{source}: space key '{key}'")
     return SearchSpace(dimensions, settings.num_samples, settings.scheduler, settings.searcher, source)
 
 
@@ -203,6 +218,18 @@ def _dimension(key: str, spec: Any, base: TrainConfig, source: str) -> Dimension
         _checked_value(key, float(low), base, where)
         _checked_value(key, float(high), base, where)
     return Dimension(distribution, low=low, high=high)
+
+
+def _check_optuna(dimension: Dimension, where: str) -> None:
+    """Optuna's TPE samples every key from its own distributions (float, log float, int,
+    categorical): a grid (every value, in order) is not one, nor a choice of lists or mappings."""
+    if dimension.distribution == "grid":
+        raise ConfigError(f"{where}: searcher optuna cannot run a grid (it samples every key): use "
+                          "distribution choice, or searcher random")
+    odd = [v for v in dimension.values if not isinstance(v, OPTUNA_CHOICE_TYPES)]
+    if odd:
+        raise ConfigError(f"{where}: searcher optuna takes choice values that are numbers, strings, "
+                          f"booleans or null, got {odd[0]!r}")
 
 
 def _finite_number(value: Any) -> bool:

@@ -19,6 +19,7 @@ import yaml
 
 from pipeline.config import ConfigError, load_config
 from pipeline.paths import input_path
+from pipeline.sweep_search import plan_concurrency
 from pipeline.train import load_train_config, parse_args
 from pipeline.tune_config import base_train_config, load_sweep_config
 from preprocessing.dataflow import PreprocessConfig
@@ -278,7 +279,9 @@ def test_the_cluster_sweep_and_preprocessing_configs_load(cluster):
     assert base_train_config(path, sweep, {}) == cluster_train_config()
     assert sweep.trial.gpus_per_worker > 0 and sweep.storage_path.startswith("s3://")
     workers = sum(node["max_workers"] for node in gpu_worker_types(cluster).values())
-    assert sweep.max_concurrent_trials * sweep.trial.num_workers <= workers
+    nodes = [{"CPU": 8.0}] + [{"CPU": 4.0, "GPU": 1.0}] * workers  # the head and every GPU worker
+    plan = plan_concurrency(sweep, nodes, total_trials=24)
+    assert plan.trials > workers and plan.trials == sweep.max_concurrent_trials  # several trials a GPU
     preprocess = load_config(input_path("configs/cluster/preprocess.yaml", "--config"), PreprocessConfig)
     # data/ is not synced: the driver reads the morphable model from an absolute path on the head.
     assert re.fullmatch(r"bfm68:/home/ray/\S+", preprocess.morphable_model), preprocess.morphable_model

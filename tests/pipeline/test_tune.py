@@ -1,10 +1,13 @@
 """A Ray Tune sweep of Ray Train runs on synthetic shards: ASHA stops the weak trials, MLflow
 holds a parent run with one nested run per trial, an interrupted sweep resumes without
-rerunning finished trials, and the best model is registered and loads by alias."""
+rerunning finished trials, and the best model is registered and loads by alias. An Optuna
+sweep runs two trials at once on 2 CPUs and resumes, from another run folder given its storage,
+with the trials before the interruption known to its searcher."""
 
 import csv
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -13,6 +16,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import optuna
 import pytest
 import yaml
 
@@ -176,7 +180,7 @@ def test_the_sweep_keeps_asha_rungs_and_writes_the_best_config(sweep, sweep_file
     from pipeline.train_config import TrainConfig
 
     figures = sweep["figures"]
-    rungs = json.loads((Path(figures["sweep_dir"]) / "asha_rungs.json").read_text())
+    rungs = json.loads((sweep["run_dir"] / "ray" / "sweep" / "frnet_sweep" / "asha_rungs.json").read_text())
     first_rung = rungs[0][-1]  # rungs run from the last milestone to the first
     assert sorted(first_rung) == sorted(t["trial_id"] for t in figures["trials"])
     first, diverging = sorted(sweep["before"])[:2]
@@ -187,3 +191,103 @@ def test_the_sweep_keeps_asha_rungs_and_writes_the_best_config(sweep, sweep_file
     config = load_config(Path(figures["best_config"]), TrainConfig)
     base = load_config(sweep_files / "train.yaml", TrainConfig)
     assert config.optim.lr == best["searched"]["optim.lr"] and config.epochs == base.epochs != EPOCHS
+
+
+# -- an Optuna sweep, two trials at once, resumed from another run folder -----------------------
+
+OPTUNA_TRIALS = 5  # two at once: at most four exist when the first ends, so one is sampled after the resume
+
+
+def ended_trials(log_path: Path) -> int:
+    """Trials the sweep's console has reported ended (Tune tells the searcher before that)."""
+    return log_path.read_text(errors="replace").count(" ended: best validation NME")
+
+
+def searcher_state(storage: Path, name: str) -> dict:
+    """Tune's newest saved OptunaSearch state (its study is ``_ot_study``)."""
+    newest = max((storage / name).glob("searcher-state-*.pkl"))
+    with newest.open("rb") as stream:
+        return pickle.load(stream)
+
+
+@pytest.fixture(scope="module")
+def optuna_sweep(sweep_files, tmp_path_factory):
+    """Five one-epoch trials of one 0.4-CPU worker, TPE after two random ones: interrupted once
+    the first trial has ended, then resumed from a second run folder (as from another head)
+    given the same storage."""
+    root = tmp_path_factory.mktemp("optuna-sweep")
+    storage, first_dir, second_dir = root / "storage", root / "head-a", root / "head-b"
+    (root / "tune.yaml").write_text(yaml.safe_dump({
+        "name": "optuna-sweep", "train_config": str(sweep_files / "train.yaml"), "epochs": 1,
+        "trial": {"num_workers": 1, "cpus_per_worker": 0.4}, "register": False}))
+    (root / "space.yaml").write_text(yaml.safe_dump({
+        "num_samples": OPTUNA_TRIALS, "searcher": {"name": "optuna", "seed": 0, "startup_trials": 2},
+        "scheduler": {"name": "asha", "grace_period": 1},
+        "space": {"loss.lambda1": {"distribution": "loguniform", "low": 0.3, "high": 3.0},
+                  "optim.lr": {"distribution": "loguniform", "low": 0.0005, "high": 0.005}}}))
+    common = ["--config", str(root / "tune.yaml"), "--storage", str(storage)]
+    log_path = root / "interrupted.log"
+    command = [sys.executable, "-m", "pipeline.cli", "tune", *common, "--space", str(root / "space.yaml"),
+               "--run-dir", str(first_dir), "--num-cpus", "2"]
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        try:
+            deadline = time.time() + 600
+            while time.time() < deadline and process.poll() is None and ended_trials(log_path) < 1:
+                time.sleep(0.5)
+            process.send_signal(signal.SIGINT)
+            first = process.wait(timeout=180)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    before = searcher_state(storage, "optuna-sweep")
+    resumed = tune_stage.main([*common, "--run-dir", str(second_dir), "--name", "optuna-sweep", "--resume",
+                               "--json", str(root / "sweep.json")])
+    return {"storage": storage, "first_dir": first_dir, "second_dir": second_dir, "first_exit": first,
+            "resumed_exit": resumed, "log": log_path.read_text(errors="replace"), "before": before,
+            "after": searcher_state(storage, "optuna-sweep"),
+            "figures": json.loads((root / "sweep.json").read_text())}
+
+
+def test_an_optuna_sweep_runs_to_completion_from_another_run_folder(optuna_sweep):
+    assert optuna_sweep["first_exit"] == 130, optuna_sweep["log"][-3000:]
+    assert optuna_sweep["resumed_exit"] == 0
+    figures = optuna_sweep["figures"]
+    assert [t["state"] for t in figures["trials"]] == ["completed"] * OPTUNA_TRIALS
+    assert Path(figures["best_config"]).parent == optuna_sweep["second_dir"] / "tune" / "optuna-sweep"
+    # The sweep's own files are in its storage, where the second run folder found them.
+    stored = optuna_sweep["storage"] / "optuna-sweep" / "frnet_sweep"
+    assert {p.name for p in stored.iterdir()} >= {"sweep.json", "space.yaml", "tune.yaml", "asha_rungs.json",
+                                                  "results.csv", "best_train.yaml"}
+    assert not (optuna_sweep["first_dir"] / "tune" / "optuna-sweep" / "results.csv").exists()
+
+
+def test_a_resumed_optuna_sweep_continues_the_searchers_study(optuna_sweep):
+    """The trials before the interruption are in the restored study as they were (those that
+    ended, with their NME); the trials sampled after it are not a fresh start, which with the
+    same seed would draw the first trial's values again."""
+    before = optuna_sweep["before"]["_ot_study"].trials
+    after = optuna_sweep["after"]["_ot_study"].trials
+    told = [t for t in before if t.state == optuna.trial.TrialState.COMPLETE]
+    assert told and len(before) < OPTUNA_TRIALS
+    assert [(t.number, t.params) for t in after[:len(before)]] == [(t.number, t.params) for t in before]
+    assert all(after[t.number].value == t.value for t in told)
+    assert len(after) == OPTUNA_TRIALS
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in after)
+    assert all(t.params != after[0].params for t in after[len(before):])
+    # Every trial's NME as Tune reported it is what the study holds.
+    nme = {tuple(sorted(t["searched"].items())): t["curve"][-1][1] for t in optuna_sweep["figures"]["trials"]}
+    for trial in after:
+        key = tuple(sorted((name.removeprefix("search/"), v) for name, v in trial.params.items()))
+        assert trial.value == pytest.approx(nme[key])
+
+
+def test_two_trials_of_04_cpu_run_at_once_on_2_cpus(optuna_sweep):
+    assert "2 trials at once: a trial asks 1 worker(s) x {CPU 0.4}" in optuna_sweep["log"]
+    client = mlflow.MlflowClient(optuna_sweep["figures"]["tracking_uri"])
+    runs = [client.get_run(t["mlflow_run_id"]).info for t in optuna_sweep["figures"]["trials"]]
+    spans = sorted((run.start_time, run.end_time) for run in runs)
+    # Some trial started before an earlier one had ended.
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:], strict=False))
