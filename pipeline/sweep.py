@@ -31,6 +31,7 @@ from pipeline.config import ConfigError, from_dict, to_plain, with_overrides
 from pipeline.console import is_verbose
 from pipeline.paths import input_location
 from pipeline.registration import evaluate_and_register
+from pipeline.shard_data import check_shards
 from pipeline.sweep_report import COMPLETED, FAILED, STOPPED, TrialRow, plot_against_keys, plot_curves, ranked
 from pipeline.sweep_report import write_table as write_results_table
 from pipeline.sweep_search import (
@@ -340,6 +341,7 @@ def prepare(args: SweepRequest) -> tuple[SweepContext, SearchSpace, SweepConfig,
         raise ConfigError(f"{args.space}: scheduler.grace_period {space.scheduler.grace_period} exceeds "
                           f"the {sweep.epochs} epochs per trial")
     manifest = read_manifest(base.data.shards)
+    check_shards(base.data.shards, manifest)  # missing, truncated or miscounted: refused here
     setting = f"{args.config}: storage_path"
     check_shared(training_folders(setting, sweep.storage_path, run_dir, base.data.shards))
     experiment_id = open_store(base.mlflow.tracking_uri, run_dir, base.mlflow.experiment)

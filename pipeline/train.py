@@ -140,6 +140,8 @@ def train_command(args: argparse.Namespace) -> int:
               f"mean {100 * report['nme_mean_of_bins']:.2f}")
         state = "now the champion" if figures["champion"] else "registered; the champion stays"
         print(f"model {figures['registered_model']} version {figures['model_version']}: {state}")
+        if figures.get("champion_reason"):
+            print(figures["champion_reason"])
     write_json(args.json, figures)
     return 0
 

@@ -69,6 +69,8 @@ def print_summary(figures: dict[str, Any]) -> None:
         state = "now the champion" if figures["champion"] else "registered; the champion stays"
         print(f"AFLW2000-3D NME {100 * figures['aflw2000']['nme_mean_of_bins']:.2f}% (mean of yaw bins); "
               f"model {figures['registered_model']} version {figures['model_version']}: {state}")
+        if figures.get("champion_reason"):
+            print(figures["champion_reason"])
     print(f"table and plots: {figures['sweep_dir']}")
     print(f"train the best trial's config longer: frnet train --config {figures['best_config']}")
 
