@@ -203,6 +203,9 @@ def run_preprocess(
     train_records = [r for r in records if r["kind"] == "train"]
     eval_records = [r for r in records if r["kind"] == "aflw2000"]
     counts = _counts(train_records, listed, skipped)
+    # Each shard file's rows, so training can name the one file that does not match.
+    counts["rows_by_file"] = {f"{split}/part-{r['shard']:05d}.parquet": r["rows"].get(split, 0)
+                              for r in train_records for split in SPLITS}
     _write_listing_quarantine(filesystem, out_path, "quarantine", listed)
     stats = combine_stats([r["moments"] for r in train_records])
     mirror_residual = mirror_map(model).residual if config.augment.geometric.flip_probability > 0 else None

@@ -77,7 +77,9 @@ def plant(case: str, shards: Path) -> str:
         edit_manifest(shards, lambda m: m["counts"]["rows"].update(train=m["counts"]["rows"]["train"] + 5))
         return f"{where}: counts.rows.train is 21, but the train shards (1 file) hold 16 rows"
     if case == "file count":
-        edit_manifest(shards, lambda m: m["counts"].update(rows_by_file={TRAIN_SHARD: 16, VAL_SHARD: 15}))
+        # preprocessing records every file's rows: one of them, edited
+        edit_manifest(shards, lambda m: m["counts"]["rows_by_file"].update(
+            {VAL_SHARD: m["counts"]["rows_by_file"][VAL_SHARD] - 1}))
         return f"{shards}/{VAL_SHARD}: holds 16 rows, but the manifest's counts.rows_by_file says 15"
     assert case == "evaluation count"
     # inputs too: the counts still reconcile (inputs = written + quarantined + skipped)
