@@ -32,7 +32,7 @@ def test_synth_writes_a_readable_folder_and_its_figures(tmp_path):
         f"image0000{i}.{ext}" for i in range(3) for ext in ("jpg", "mat")]
     result = run("synth", "--layout", "aflw2000-3d", "--n", "0", "--out", str(tmp_path / "B"),
                  cwd=tmp_path)
-    assert result.returncode == 2 and "n must be >= 1, got 0" in result.stderr
+    assert result.returncode == 2 and "command line: 'n' must be >= 1, got 0" in result.stderr
 
 
 @pytest.mark.slow
