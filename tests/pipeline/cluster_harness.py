@@ -35,6 +35,7 @@ import secrets
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -42,6 +43,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +124,17 @@ def describe(pid: int) -> str:
     except OSError:
         command = "?"
     return f"{pid}: {command[:160]}"
+
+
+def store_has_run(database: Path, name: str) -> bool:
+    """Whether a driver has made a run named ``name`` in the sqlite MLflow store ``database``, read
+    with sqlite alone, read-only: an MLflow client opening a store whose tables are still being made
+    would migrate it too, racing the driver."""
+    try:
+        with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as connection:
+            return connection.execute("SELECT COUNT(*) FROM runs WHERE name = ?", (name,)).fetchone()[0] > 0
+    except sqlite3.Error:  # no store yet, or its tables not made yet
+        return False
 
 
 def tail(path: Path, chars: int = 4000) -> str:

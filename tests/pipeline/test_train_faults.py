@@ -28,7 +28,7 @@ from pipeline.trainer import make_trainer
 from pipeline.training import train
 from preprocessing.manifest import read_manifest
 from tests.conftest import tiny_shards
-from tests.pipeline.cluster_harness import FOREIGN_ENV, VENV_BIN, tail
+from tests.pipeline.cluster_harness import FOREIGN_ENV, VENV_BIN, store_has_run, tail
 
 pytestmark = pytest.mark.slow
 TRAIN_SHARD = "train/part-00000.parquet"
@@ -210,9 +210,8 @@ def wait_until(condition, popen: subprocess.Popen, log_path: Path) -> None:
 
 
 def runs_named(store: Path, name: str) -> list:
-    """The runs named ``name`` in the sqlite store, none before the driver has made it (a client
-    opening a store that is not there would make one, racing the driver)."""
-    if not store.exists():
+    """The runs named ``name`` in the sqlite store, none before the driver has made one there."""
+    if not store_has_run(store, name):
         return []
     client = mlflow.MlflowClient(f"sqlite:///{store}")
     try:
