@@ -1,27 +1,33 @@
-"""Batch-1 single-thread onnxruntime latency of the four regressors at 120x120.
+"""Batch-1 single-thread onnxruntime latency and batch-8 throughput of the regressors at 120x120.
 
     .venv/bin/python -m benchmarks.onnx_latency --runs 300 --json onnx_latency.json
+    .venv/bin/python -m benchmarks.onnx_latency --runs 300 --load 1    # one busy core beside
 
 Each network is exported (freshly initialised, BatchNorm statistics set from one random batch
 so activations have trained-like magnitudes rather than vanishing into denormals) by the same
-:func:`models.onnx_export.export_onnx`, loaded into an onnxruntime CPU session with the same
-options (one intra-op and one inter-op thread, sequential execution, all graph optimisations)
-and warmed up. The ``--runs`` timed runs of each network are then taken in ``--rounds`` short
-interleaved rounds, the order of the networks rotating from round to round, so that a slow
-spell of the machine hits every network alike. Each round starts with ``--round-warmup``
-untimed runs: after another network has run, the first calls are slower while caches refill
-(on Machine A the first call of a round took 1.6x the steady time for Mobile-FRNet and 1.2x
-for MobileNetV1, the fourth still 1.06x and 1.02x), and the latency of interest is the steady
-one of a network that runs call after call. Prints a markdown table (median and 90th
-percentile over all timed runs), Mobile-FRNet's latency relative to 3DDFA_V2's MobileNetV1 in
-the same run (the ratio of the medians and the median of the per-round ratios) and the 1-min
-load average before and after the timing: other processes slow Mobile-FRNet's many small
-operations more than MobileNetV1's few large convolutions. ``--json`` writes the figures.
+:func:`models.onnx_export.export_onnx`, in its inference form as users get it; Mobile-FRNet is
+also exported as trained (``inference=False``) to show what the inference form saves. Each is
+loaded into an onnxruntime CPU session with the same options (one intra-op and one inter-op
+thread, sequential execution, all graph optimisations) and warmed up. The ``--runs`` timed runs
+of each network are then taken in ``--rounds`` short interleaved rounds, the order of the
+networks rotating from round to round, so that a slow spell of the machine hits every network
+alike. Each round starts with ``--round-warmup`` untimed runs: after another network has run,
+the first calls are slower while caches refill, and the latency of interest is the steady one of
+a network that runs call after call. Then the same rounds at batch ``--batch`` (8: what a
+service batches to) give the throughput in images per second. ``--load N`` keeps N busy
+processes running beside the timing, a load that can be stated and repeated.
+
+Prints the processor (model and vector extensions), a markdown table (median and 90th
+percentile over all timed runs, the ratio to 3DDFA_V2's MobileNetV1, batch throughput),
+Mobile-FRNet's latency relative to MobileNetV1 in the same run (the ratio of the medians and
+the median of the per-round ratios) and the 1-min load average before and after the timing.
+``--json`` writes the figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import platform
 import statistics
@@ -39,8 +45,15 @@ from models.onnx_export import INPUT_NAME, export_onnx
 from models.registry import build_model, count_complexity
 from pipeline.common import write_json
 
-ARCHS = ("mobile-frnet", "mobile-frnet-noatt", "mobilenet-v2", "mobilenet-v1")
+# (label, architecture, exported in its inference form): each network as users export it, and
+# Mobile-FRNet's modules exported as trained beside it, to show what the inference form saves.
+NETWORKS = (("mobile-frnet", "mobile-frnet", True),
+            ("mobile-frnet (as trained)", "mobile-frnet", False),
+            ("mobile-frnet-noatt", "mobile-frnet-noatt", True),
+            ("mobilenet-v2", "mobilenet-v2", True),
+            ("mobilenet-v1", "mobilenet-v1", True))
 TARGET, REFERENCE = "mobile-frnet", "mobilenet-v1"
+THROUGHPUT_BATCH = 8  # what a service batches to
 CALIBRATION_BATCH = 16
 
 
@@ -55,6 +68,32 @@ def calibrate_batchnorm(model: nn.Module, seed: int) -> None:
     with torch.no_grad():
         model(torch.randn(CALIBRATION_BATCH, 3, CROP_SIZE, CROP_SIZE, generator=generator))
     model.eval()
+
+
+# Vector extensions that decide which kernels onnxruntime's MLAS runs (AVX-512F: 16-channel
+# blocked layout; AVX2 alone: 8), in the order they are printed.
+VECTOR_EXTENSIONS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
+                     "avx512_fp16", "amx_tile", "avx_vnni")
+
+
+def describe_processor() -> str:
+    """The processor's model, family/model/stepping and vector extensions, from /proc/cpuinfo
+    where there is one (Linux), else what the platform module knows."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus"
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    extensions = [e for e in VECTOR_EXTENSIONS if e in flags] or ["no AVX2"]
+    name = fields.get("model name", platform.processor() or platform.machine())
+    identity = ", ".join(f"{label} {fields[key]}" for key, label in
+                         (("cpu family", "family"), ("model", "model"), ("stepping", "stepping"))
+                         if key in fields)
+    return f"{name} ({identity}), {os.cpu_count()} cpus, {' '.join(extensions)}"
 
 
 def single_thread_session(onnx_path: Path) -> ort.InferenceSession:
@@ -104,6 +143,29 @@ def latency_ratio(rounds: list[dict[str, list[float]]], target: str,
     return overall, per_round
 
 
+def spin() -> None:
+    """Keep one core busy until terminated (the stated load of ``--load``)."""
+    while True:
+        pass
+
+
+def export_networks(folder: Path, seed: int) -> tuple[dict[str, Path], dict[str, dict]]:
+    """Every network of :data:`NETWORKS` exported into ``folder``, and each one's complexity."""
+    paths, complexity = {}, {}
+    for label, arch, inference in NETWORKS:
+        model = build_model(arch)
+        calibrate_batchnorm(model, seed)
+        complexity[label] = count_complexity(model)
+        paths[label] = export_onnx(model, folder / f"{label}.onnx", inference=inference)
+    return paths, complexity
+
+
+def summarise(rounds: list[dict[str, list[float]]], label: str) -> tuple[float, float]:
+    """Median and 90th percentile of one network's timed runs, in milliseconds."""
+    samples = [t for r in rounds for t in r[label]]
+    return statistics.median(samples), float(np.percentile(samples, 90))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=300, help="timed runs per network (>= 200)")
@@ -111,50 +173,70 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=50, help="untimed runs per network")
     parser.add_argument("--round-warmup", type=int, default=5,
                         help="untimed runs of each network at the start of every round")
+    parser.add_argument("--batch", type=int, default=THROUGHPUT_BATCH,
+                        help="batch of the throughput rounds (0: none)")
+    parser.add_argument("--load", type=int, default=0,
+                        help="busy processes kept running beside the timing (a stated load)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if (args.runs < 200 or not 1 <= args.rounds <= args.runs or args.warmup < 0
-            or args.round_warmup < 0):
-        parser.error(f"need --runs >= 200, 1 <= --rounds <= --runs, --warmup >= 0, "
-                     f"--round-warmup >= 0; got {args.runs}, {args.rounds}, {args.warmup}, "
-                     f"{args.round_warmup}")
-    image = np.random.default_rng(args.seed).standard_normal(
-        (1, 3, CROP_SIZE, CROP_SIZE)).astype(np.float32)
-    sessions, complexity = {}, {}
+            or args.round_warmup < 0 or args.batch < 0 or args.load < 0):
+        parser.error(f"need --runs >= 200, 1 <= --rounds <= --runs, --warmup, --round-warmup, "
+                     f"--batch and --load >= 0; got {args.runs}, {args.rounds}, {args.warmup}, "
+                     f"{args.round_warmup}, {args.batch}, {args.load}")
+    rng = np.random.default_rng(args.seed)
+    image = rng.standard_normal((1, 3, CROP_SIZE, CROP_SIZE)).astype(np.float32)
+    batch = rng.standard_normal((max(args.batch, 1), 3, CROP_SIZE, CROP_SIZE)).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
-        for arch in ARCHS:
-            model = build_model(arch)
-            calibrate_batchnorm(model, args.seed)
-            complexity[arch] = count_complexity(model)
-            sessions[arch] = single_thread_session(export_onnx(model, Path(tmp) / f"{arch}.onnx"))
-            time_runs(sessions[arch], image, args.warmup)
-        load_before = os.getloadavg()[0]
-        rounds = interleaved_times(sessions, image, args.runs, args.rounds, args.round_warmup)
-        load_after = os.getloadavg()[0]
+        paths, complexity = export_networks(Path(tmp), args.seed)
+        sessions = {label: single_thread_session(path) for label, path in paths.items()}
+        for session in sessions.values():
+            time_runs(session, image, args.warmup)
+        spinners = [multiprocessing.Process(target=spin, daemon=True) for _ in range(args.load)]
+        for spinner in spinners:
+            spinner.start()
+        try:
+            time.sleep(1.0 if spinners else 0.0)  # let the load settle on its cores
+            load_before = os.getloadavg()[0]
+            rounds = interleaved_times(sessions, image, args.runs, args.rounds, args.round_warmup)
+            batch_rounds = (interleaved_times(sessions, batch, max(args.runs // 4, args.rounds),
+                                              args.rounds, 1) if args.batch else None)
+            load_after = os.getloadavg()[0]
+        finally:
+            for spinner in spinners:
+                spinner.terminate()
     rows = []
-    for arch in ARCHS:
-        samples = [t for r in rounds for t in r[arch]]
-        rows.append({"arch": arch, **complexity[arch], "runs": len(samples),
-                     "median_ms": statistics.median(samples),
-                     "p90_ms": float(np.percentile(samples, 90))})
+    for label, arch, inference in NETWORKS:
+        median_ms, p90_ms = summarise(rounds, label)
+        row = {"network": label, "arch": arch, "inference_form": inference, **complexity[label],
+               "median_ms": median_ms, "p90_ms": p90_ms}
+        if batch_rounds is not None:
+            row["batch_median_ms"] = summarise(batch_rounds, label)[0]
+            row["batch_images_per_s"] = args.batch / row["batch_median_ms"] * 1e3
+        rows.append(row)
     ratio, per_round_ratio = latency_ratio(rounds, TARGET, REFERENCE)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
-          f"onnxruntime {ort.__version__}, batch 1, intra_op_num_threads=1, "
-          f"inter_op_num_threads=1, {args.rounds} interleaved rounds of {args.round_warmup} "
-          f"untimed + {-(-args.runs // args.rounds)} timed runs, "
+    print(f"processor: {describe_processor()}; onnxruntime {ort.__version__}, "
+          f"intra_op_num_threads=1, inter_op_num_threads=1; batch 1: {args.rounds} interleaved "
+          f"rounds of {args.round_warmup} untimed + {-(-args.runs // args.rounds)} timed runs"
+          + (f"; batch {args.batch}: {args.rounds} rounds" if args.batch else "")
+          + f"; {args.load} busy processes beside; "
           f"1-min load average {load_before:.2f} before / {load_after:.2f} after")
-    print("| arch | params (M) | MACs (M) | median ms | p90 ms |")
-    print("|---|---|---|---|---|")
+    batch_header = f" batch-{args.batch} images/s |" if args.batch else ""
+    print(f"| network | params (M) | MACs (M) | median ms | p90 ms | vs {REFERENCE} |{batch_header}")
+    print("|---|---|---|---|---|---|" + ("---|" if args.batch else ""))
+    reference_ms = summarise(rounds, REFERENCE)[0]
     for row in rows:
-        print(f"| {row['arch']} | {row['params'] / 1e6:.3f} | {row['macs'] / 1e6:.1f} "
-              f"| {row['median_ms']:.2f} | {row['p90_ms']:.2f} |")
+        batch_cell = f" {row['batch_images_per_s']:.0f} |" if args.batch else ""
+        print(f"| {row['network']} | {row['params'] / 1e6:.3f} | {row['macs'] / 1e6:.1f} "
+              f"| {row['median_ms']:.2f} | {row['p90_ms']:.2f} "
+              f"| {row['median_ms'] / reference_ms:.3f} |{batch_cell}")
     print(f"{TARGET} / {REFERENCE}: {ratio:.3f} (ratio of medians), "
           f"{per_round_ratio:.3f} (median of the {args.rounds} per-round ratios)")
     write_json(args.json, {"onnxruntime": ort.__version__, "machine": platform.machine(),
-                           "input_size": CROP_SIZE, "batch": 1, "threads": 1,
-                           "rounds": args.rounds, "round_warmup": args.round_warmup,
-                           "rows": rows,
+                           "processor": describe_processor(), "input_size": CROP_SIZE,
+                           "threads": 1, "rounds": args.rounds, "round_warmup": args.round_warmup,
+                           "batch": args.batch, "load_processes": args.load, "rows": rows,
                            "load_average": {"before": load_before, "after": load_after},
                            "ratio": {"target": TARGET, "reference": REFERENCE,
                                      "of_medians": ratio, "median_per_round": per_round_ratio}})

@@ -151,23 +151,37 @@ class HierarchicalInvertedResidual(nn.Module):
         return self.scales if self.expand is None else 1
 
     def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+        parts, residual = self.split_input(x)
+        return self.finish(self.project_scales(self.hierarchy(parts)), residual)
+
+    def split_input(self, x: torch.Tensor | tuple[torch.Tensor, ...]
+                    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+        """The ``scales`` groups x_i (B, C/s, H, W) and the residual input (None without one)."""
         if isinstance(x, tuple):
             if self.expand is not None or len(x) != self.scales:
                 raise ValueError(f"expected one tensor or {self.input_parts} parts, got {len(x)}")
-            parts, x = x, (torch.cat(x, dim=1) if self.use_residual else None)
-        elif self.expand is None:
-            parts = torch.split(x, self.width, dim=1)
-        else:
-            parts = self.expand(x)  # scales x (B, C/s, H, W)
-        outputs = []
-        previous = None
+            return x, (torch.cat(x, dim=1) if self.use_residual else None)
+        residual = x if self.use_residual else None
+        if self.expand is None:
+            return torch.split(x, self.width, dim=1), residual
+        return self.expand(x), residual  # scales x (B, C/s, H, W)
+
+    def hierarchy(self, parts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The y_i (B, C/s, H, W): ``y_1 = K_1(x_1)``, ``y_i = K_i(x_i + y_(i-1))``."""
+        outputs: list[torch.Tensor] = []
         for part, conv in zip(parts, self.convs, strict=True):
-            previous = conv(part if previous is None else part + previous)  # (B, C/s, H, W)
-            outputs.append(previous)
-        out = self.project(torch.cat(outputs, dim=1))  # (B, C_out, H, W)
+            outputs.append(conv(part if not outputs else part + outputs[-1]))
+        return outputs
+
+    def project_scales(self, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The y_i concatenated and projected (1x1 conv + BN): (B, C_out, H, W)."""
+        return self.project(torch.cat(list(outputs), dim=1))
+
+    def finish(self, out: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """The projected output (B, C_out, H, W) through ``enhance`` and the residual."""
         if self.enhance is not None:
             out = self.enhance(out)
-        return x + out if self.use_residual else out
+        return out if residual is None else residual + out
 
 
 class SpatialGroupEnhance(nn.Module):

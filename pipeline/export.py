@@ -7,8 +7,10 @@
 ``--checkpoint``: a model file of this project (its network and width are read from it; flags
 may only repeat them), or weights that do not say what they are for, which need ``--arch`` (and
 ``--width`` if not 1.0): for ``mobilenet-v1`` a 3DDFA_V2 checkpoint or a state dict, for the
-others a state dict or ``{"model": state_dict}``. Read with ``weights_only=True``. Figures: arch,
-width, params, MACs, FLOPs, opset, the ONNX file and its size.
+others a state dict or ``{"model": state_dict}``. Read with ``weights_only=True``. The file holds
+the network's inference form (the same outputs in a graph ONNX Runtime runs faster,
+``models/inference_form.py``); ``--as-trained`` exports the modules as they were trained.
+Figures: arch, width, params, MACs, FLOPs, opset, the ONNX file and its size.
 
 Exit status: 0; 2 when the command cannot start as given (a missing ``--arch``, a flag that
 disagrees with the model file, weights that cannot be read or do not fit the network).
@@ -38,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--onnx", type=Path, required=True, help="output .onnx file")
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--input-size", type=int, default=CROP_SIZE, help="square input side")
+    parser.add_argument("--as-trained", action="store_true",
+                        help="export the modules as trained rather than the inference form "
+                             "(the same outputs in a slower graph; see models/inference_form.py)")
     parser.add_argument("--json", type=Path, help="write the figures here (default: not written)")
     return parser.parse_args(argv)
 
@@ -54,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         LOG.error("%s", err)
         return 2
     complexity = count_complexity(model, args.input_size)
-    onnx_path = export_onnx(model, args.onnx, opset=args.opset, input_size=args.input_size)
+    onnx_path = export_onnx(model, args.onnx, opset=args.opset, input_size=args.input_size,
+                            inference=not args.as_trained)
     size = onnx_path.stat().st_size
     LOG.info("%s (width %s, %s) -> %s: %.2f MB, %.3f M params, %.1f M MACs", args.arch,
              args.width, args.checkpoint or "untrained", onnx_path, size / 1e6,
@@ -62,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.json, {
         "arch": args.arch, "width": args.width, **complexity, "opset": args.opset,
         "checkpoint": str(args.checkpoint) if args.checkpoint else None,
-        "onnx": str(onnx_path), "onnx_bytes": size,
+        "onnx": str(onnx_path), "onnx_bytes": size, "inference_form": not args.as_trained,
     })
     return 0
 

@@ -90,3 +90,19 @@ def test_export_needs_arch_for_weights_that_do_not_name_it(tmp_path, caplog):
     assert errors[0].startswith("--arch is needed: ") and "records no network" in errors[0]
     assert errors[1].startswith("--checkpoint ") and "none.pt: not found" in errors[1]
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_writes_the_inference_form_unless_asked_for_the_modules_as_trained(tmp_path):
+    """Only the inference form drops the concatenations (tests/models/test_onnx.py holds its
+    outputs to the trained network's), and the figures say which form was written."""
+    import onnx
+
+    model = small_model_file(tmp_path / "model.pt", width=1.0)
+    for name, flags in (("inference", []), ("as-trained", ["--as-trained"])):
+        path = tmp_path / f"{name}.onnx"
+        assert export.main(["--checkpoint", str(model), "--onnx", str(path), *flags,
+                            "--json", str(tmp_path / f"{name}.json")]) == 0
+        ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+        assert ("Concat" in ops) == (name == "as-trained")
+        figures = json.loads((tmp_path / f"{name}.json").read_text())
+        assert figures["inference_form"] == (name == "inference")
