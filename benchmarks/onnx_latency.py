@@ -96,13 +96,23 @@ def describe_processor() -> str:
     return f"{name} ({identity}), {os.cpu_count()} cpus, {' '.join(extensions)}"
 
 
-def single_thread_session(onnx_path: Path) -> ort.InferenceSession:
-    """The session every network is timed in: one thread, all graph optimisations."""
+def single_thread_session(onnx_path: Path, profile_prefix: Path | None = None,
+                          optimised_path: Path | None = None) -> ort.InferenceSession:
+    """The session every network is timed in: one thread, all graph optimisations.
+
+    ``profile_prefix`` switches onnxruntime's profiler on, writing there; ``optimised_path``
+    saves the graph as optimised for this session.
+    """
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
+    if optimised_path is not None:
+        options.optimized_model_filepath = str(optimised_path)
     return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
 

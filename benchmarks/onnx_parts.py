@@ -14,7 +14,6 @@ every node). The networks without a part are for measurement only: they are not 
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import statistics
 import tempfile
@@ -32,6 +31,7 @@ from benchmarks.onnx_latency import (
     time_runs,
 )
 from models.frame import CROP_SIZE
+from models.inference_form import replace_modules
 from models.mobile_frnet import SpatialGroupEnhance, SqueezeExcitation
 from models.onnx_export import export_onnx
 from models.registry import build_model
@@ -39,12 +39,7 @@ from models.registry import build_model
 
 def without(model: nn.Module, *kinds: type[nn.Module]) -> nn.Module:
     """A copy of ``model`` with every module of the given types replaced by an identity."""
-    stripped = copy.deepcopy(model)
-    for parent in list(stripped.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, kinds):
-                setattr(parent, name, nn.Identity())
-    return stripped
+    return replace_modules(model, kinds, lambda _: nn.Identity())
 
 
 def networks(seed: int) -> dict[str, nn.Module]:

@@ -25,7 +25,7 @@ import os
 import platform
 import statistics
 import tempfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -93,61 +93,34 @@ def part_of(names: list[str], op_type: str, scopes: list[tuple[str, str]]) -> st
     return "backbone"
 
 
-def optimised_graph(session_path: Path, onnx_path: Path) -> onnx.GraphProto:
-    """The graph onnxruntime runs (all optimisations, one thread), as a model file."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.optimized_model_filepath = str(session_path)
-    ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    return onnx.load(str(session_path)).graph
-
-
 def profile_network(onnx_path: Path, image: np.ndarray, runs: int, warmup: int,
                     scopes: list[tuple[str, str]]) -> dict:
     """Kernel microseconds per inference by operator and by part, and the node counts."""
     with tempfile.TemporaryDirectory() as tmp:
-        graph = optimised_graph(Path(tmp) / "optimised.onnx", onnx_path)
+        optimised = Path(tmp) / "optimised.onnx"
+        session = single_thread_session(onnx_path, profile_prefix=Path(tmp) / "profile",
+                                        optimised_path=optimised)
         nodes = {node.name: (node.op_type, part_of([node.name, *node.output], node.op_type, scopes))
-                 for node in graph.node}
-        session = single_thread_session(onnx_path)
-        time_runs(session, image, warmup)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(tmp) / "profile")
-        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+                 for node in onnx.load(str(optimised)).graph.node}
         time_runs(session, image, warmup)
         latency = statistics.median(time_runs(session, image, runs))
         events = json.loads(Path(session.end_profiling()).read_text())
+    # The profiler also recorded the warm-up runs: each node's last `runs` events are kept.
+    per_node: dict[str, list[float]] = defaultdict(list)
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            per_node[event["name"].removesuffix("_kernel_time")].append(event["dur"])
     by_op: dict[str, float] = defaultdict(float)
     by_part: dict[str, float] = defaultdict(float)
-    nodes_by_part: dict[str, int] = defaultdict(int)
-    for _, part in nodes.values():
-        nodes_by_part[part] += 1
-    kernel_events = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
-    # The profiler also recorded the warm-up runs after it was switched on: keep the last `runs`.
-    per_node: dict[str, list[float]] = defaultdict(list)
-    for event in kernel_events:
-        per_node[event["name"][:-len("_kernel_time")]].append(event["dur"])
     for name, durations in per_node.items():
-        op_type, part = nodes.get(name, (None, None))
-        if op_type is None:  # a node the profiler names differently: recover its op from the event
-            op_type, part = "unknown", "backbone"
+        op_type, part = nodes.get(name, ("unknown", "backbone"))  # a node the graph names otherwise
         microseconds = sum(durations[-runs:]) / runs
         by_op[op_type] += microseconds
         by_part[part] += microseconds
-    ops_count: dict[str, int] = defaultdict(int)
-    for op_type, _ in nodes.values():
-        ops_count[op_type] += 1
-    return {"nodes": len(nodes), "nodes_by_part": dict(nodes_by_part),
-            "nodes_by_op": dict(ops_count), "kernel_us_by_op": dict(by_op),
-            "kernel_us_by_part": dict(by_part), "kernel_us": sum(by_op.values()),
-            "median_ms_while_profiling": latency}
+    return {"nodes": len(nodes), "nodes_by_part": dict(Counter(p for _, p in nodes.values())),
+            "nodes_by_op": dict(Counter(op for op, _ in nodes.values())),
+            "kernel_us_by_op": dict(by_op), "kernel_us_by_part": dict(by_part),
+            "kernel_us": sum(by_op.values()), "median_ms_while_profiling": latency}
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ rounding (``tests/models/test_onnx.py`` holds them to 1e-4).
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -87,15 +87,23 @@ class HierarchicalInference(HierarchicalInvertedResidual):
         return self.projection(outputs)
 
 
+def replace_modules(model: nn.Module, kinds: type[nn.Module] | tuple[type[nn.Module], ...],
+                    replacement: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """A deep copy of ``model`` with every submodule of ``kinds`` swapped for
+    ``replacement(submodule)``; ``model`` itself is left as it was."""
+    copied = copy.deepcopy(model)
+    for parent in list(copied.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, kinds):
+                setattr(parent, name, replacement(child))
+    return copied
+
+
 def inference_form(model: nn.Module) -> nn.Module:
     """An eval-mode copy of ``model`` with every hierarchical block in its inference form.
 
     The copy shares no tensors with ``model``; a model without hierarchical blocks comes back
     as an unchanged copy. Its outputs equal ``model.eval()``'s up to float32 rounding.
     """
-    form = copy.deepcopy(model).eval()
-    for parent in list(form.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, HierarchicalInvertedResidual):
-                setattr(parent, name, HierarchicalInference(child))
-    return form.requires_grad_(False)
+    form = replace_modules(model, HierarchicalInvertedResidual, HierarchicalInference)
+    return form.eval().requires_grad_(False)

@@ -3,9 +3,9 @@
 The graph has one input ``image`` (B, 3, S, S) and one output ``params`` (B, num_params); the
 batch size B is free, the image size is fixed by the example input. What is exported is the
 model's inference form (:mod:`models.inference_form`): the same function in a graph that ONNX
-Runtime runs faster; ``inference=False`` exports the modules as they were trained. torch's TorchScript-based
-exporter is used: the newer ``torch.export`` path needs the ``onnxscript`` package, which this
-project does not depend on.
+Runtime runs faster; ``inference=False`` exports the modules as they were trained. torch's
+TorchScript-based exporter is used: the newer ``torch.export`` path needs the ``onnxscript``
+package, which this project does not depend on.
 """
 
 from __future__ import annotations
