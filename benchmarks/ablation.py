@@ -49,14 +49,14 @@ import numpy as np
 import ray
 import torch
 
+from models.architectures import ARCHITECTURES, build_model, count_complexity
 from models.face_models import load_face_model
 from models.predictor import MeanFacePredictor
-from models.registry import ARCHITECTURES, build_model, count_complexity
-from pipeline.common import progress_logger, setup_logging, write_json
-from pipeline.config import from_dict
-from pipeline.scoring import score_shards
-from pipeline.tracking import TrackingTarget, metric_history
-from pipeline.train_config import (
+from pipeline.evaluation.scoring import score_shards
+from pipeline.runtime.config import from_dict
+from pipeline.runtime.stage_tools import progress_logger, setup_logging, write_json
+from pipeline.runtime.tracking import TrackingTarget, metric_history
+from pipeline.training.config import (
     DataConfig,
     LossConfig,
     MlflowConfig,
@@ -65,7 +65,7 @@ from pipeline.train_config import (
     ScalingConfig,
     TrainConfig,
 )
-from pipeline.training import train
+from pipeline.training.run import train
 from preprocessing.augment import AugmentConfig
 from preprocessing.dataflow import PreprocessConfig
 from preprocessing.manifest import MANIFEST_FILE, Manifest, read_manifest

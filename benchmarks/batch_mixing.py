@@ -7,7 +7,7 @@ another, a ``_Flip`` twin of every image; 2 x ``--images`` inputs, hard links to
 files, see ``preprocessing.linked_tree``) is preprocessed twice with the default config (four
 crops a source, 256 sources a shard): once cutting the listed files into shards in order, once
 dealing them at random (``shuffle_sources``). Training's own read path (the same read, decode and
-blocks, see ``pipeline.batch_mixing``) then counts distinct source faces and subsets in every
+blocks, see ``pipeline.data.batch_mixing``) then counts distinct source faces and subsets in every
 batch of 128 over one epoch, for each level of shuffling switched on in turn, against the
 expected count under a full shuffle of the split.
 
@@ -45,9 +45,9 @@ LEVELS = [  # (name, sources dealt at random, data config overrides)
 
 def ab_run(images: int, epochs: int, seeds: list[int]) -> list[dict]:
     """Validation NME of "before" and the defaults on rendered faces, per seed."""
-    from pipeline.batch_mixing import measure_mixing
-    from pipeline.train_config import DataConfig, ModelConfig, RunConfig, ScalingConfig, TrainConfig
-    from pipeline.training import train
+    from pipeline.data.batch_mixing import measure_mixing
+    from pipeline.training.config import DataConfig, ModelConfig, RunConfig, ScalingConfig, TrainConfig
+    from pipeline.training.run import train
     from preprocessing.augment import AugmentConfig
     from preprocessing.dataflow import PreprocessConfig
     from preprocessing.ray_preprocess import run_preprocess
@@ -92,8 +92,8 @@ def main() -> None:
     if args.ab:
         import ray
 
-        from pipeline.common import write_json
-        from pipeline.ray_runtime import start_ray
+        from pipeline.runtime.ray_session import start_ray
+        from pipeline.runtime.stage_tools import write_json
 
         start_ray(os.cpu_count(), log_to_driver=False, logging_level="ERROR")
         ray.data.DataContext.get_current().enable_progress_bars = False
@@ -113,10 +113,10 @@ def main() -> None:
 
     import ray
 
-    from pipeline.batch_mixing import measure_mixing
-    from pipeline.common import write_json
-    from pipeline.ray_runtime import start_ray
-    from pipeline.train_config import DataConfig
+    from pipeline.data.batch_mixing import measure_mixing
+    from pipeline.runtime.ray_session import start_ray
+    from pipeline.runtime.stage_tools import write_json
+    from pipeline.training.config import DataConfig
     from preprocessing.dataflow import PreprocessConfig
     from preprocessing.linked_tree import link_300w_lp
     from preprocessing.ray_preprocess import run_preprocess

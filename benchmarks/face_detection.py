@@ -1,5 +1,5 @@
-"""Face detection for ``frnet predict``: OpenCV's Haar cascade (preprocessing/detection.py) against
-the MTCNN port (preprocessing/face_detector.py), on every real photo at hand and on a synthetic set.
+"""Face detection for ``frnet predict``: OpenCV's Haar cascade (preprocessing/haar_detector.py) against
+the MTCNN port (preprocessing/mtcnn_detector.py), on every real photo at hand and on a synthetic set.
 
     python benchmarks/face_detection.py [--images 100] [--backgrounds 25] [--checkpoint MODEL.pt] \\
         [--shared-data DIR] [--json PATH]
@@ -44,7 +44,7 @@ import torch  # noqa: E402
 
 from models.frame import DETECTOR_BOX_FACTOR, DETECTOR_BOX_SHIFT, landmark_crop_box, nme  # noqa: E402
 from models.predictor import FacePredictor  # noqa: E402
-from pipeline.common import write_json  # noqa: E402
+from pipeline.runtime.stage_tools import write_json  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ZOOMS = (0.5, 0.75, 1.0, 1.5)
@@ -177,8 +177,8 @@ def load_predictor(checkpoint: Path | None, shared: Path) -> tuple[FacePredictor
 
 
 def detectors() -> Iterator[tuple[str, Callable[[np.ndarray], np.ndarray]]]:
-    from preprocessing.detection import HaarFaceDetector
-    from preprocessing.face_detector import MtcnnFaceDetector
+    from preprocessing.haar_detector import HaarFaceDetector
+    from preprocessing.mtcnn_detector import MtcnnFaceDetector
 
     yield "opencv-haar", HaarFaceDetector().detect
     mtcnn = MtcnnFaceDetector()

@@ -54,8 +54,8 @@ def cpu_matches_gpu(model_file: Path, shards: str) -> float:
 
     from models.checkpoint import load_bundle
     from models.frame import param_frame_to_crop_torch
-    from pipeline.shard_data import split_dataset
-    from pipeline.train_config import DataConfig
+    from pipeline.data.shard_reader import split_dataset
+    from pipeline.training.config import DataConfig
     from preprocessing.manifest import read_manifest
 
     bundle, _ = load_bundle(model_file)
@@ -90,10 +90,10 @@ def main() -> int:
     import mlflow
     import ray
 
-    from pipeline.common import write_json
-    from pipeline.ray_runtime import start_ray
-    from pipeline.train_config import DataConfig, RunConfig, ScalingConfig, TrainConfig
-    from pipeline.training import train
+    from pipeline.runtime.ray_session import start_ray
+    from pipeline.runtime.stage_tools import write_json
+    from pipeline.training.config import DataConfig, RunConfig, ScalingConfig, TrainConfig
+    from pipeline.training.run import train
     from preprocessing.dataflow import PreprocessConfig
     from preprocessing.ray_preprocess import run_preprocess
     from preprocessing.synth import SynthConfig, generate

@@ -8,7 +8,7 @@ preprocessed with the default config (four crops a source). Per CPU count N, alt
 ``--repeats`` times, over the first half of the training files and over all of them:
 
 - **(a)** bare loop: N processes, each reading whole shard files with pyarrow and decoding every
-  crop with the same function training uses (``pipeline.shard_data.decode_batch``);
+  crop with the same function training uses (``pipeline.data.shard_reader.decode_batch``);
 - **(b)** Ray Data on a local Ray of N CPUs: training's own dataset (``split_dataset``: file
   shuffle, read, decode tasks) iterated with ``iter_torch_batches`` (batch 128, the local shuffle
   buffer sized from the data) by a consumer that does nothing with the batches.
@@ -42,7 +42,7 @@ FULL_EPOCH_ROWS = 489_800  # 300W-LP's 122,450 inputs x four crops, the training
 def decode_file(args: tuple[str, str]) -> int:
     import pyarrow.parquet as pq
 
-    from pipeline.shard_data import TRAINING_COLUMNS, decode_batch
+    from pipeline.data.shard_reader import TRAINING_COLUMNS, decode_batch
 
     path, image_format = args
     table = pq.read_table(path, columns=TRAINING_COLUMNS)
@@ -67,8 +67,8 @@ def _one_thread() -> None:
 def ray_data(shards: str, files: int) -> tuple[int, float]:
     """(rows, seconds) of training's dataset over its first ``files`` training files, iterated
     as torch batches by a consumer that does nothing."""
-    from pipeline.shard_data import crops_per_source, split_dataset
-    from pipeline.train_config import DataConfig
+    from pipeline.data.shard_reader import crops_per_source, split_dataset
+    from pipeline.training.config import DataConfig
     from preprocessing.manifest import read_manifest
 
     manifest = read_manifest(shards)
@@ -94,7 +94,7 @@ def network_rate() -> float:
     """Samples/s of Mobile-FRNet's forward + backward + SGD step, batch 128, one CPU thread."""
     import torch
 
-    from models.registry import build_model
+    from models.architectures import build_model
 
     torch.set_num_threads(1)
     network = build_model("mobile-frnet")
@@ -120,8 +120,8 @@ def main() -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    from pipeline.common import write_json
-    from pipeline.ray_runtime import start_ray
+    from pipeline.runtime.ray_session import start_ray
+    from pipeline.runtime.stage_tools import write_json
     from preprocessing.dataflow import PreprocessConfig
     from preprocessing.linked_tree import link_300w_lp
     from preprocessing.ray_preprocess import run_preprocess

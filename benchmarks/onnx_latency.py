@@ -40,10 +40,10 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from models.architectures import build_model, count_complexity
 from models.frame import CROP_SIZE
 from models.onnx_export import INPUT_NAME, export_onnx
-from models.registry import build_model, count_complexity
-from pipeline.common import write_json
+from pipeline.runtime.stage_tools import write_json
 
 # (label, architecture, exported in its inference form): each network as users export it, and
 # Mobile-FRNet's modules exported as trained beside it, to show what the inference form saves.

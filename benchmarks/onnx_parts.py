@@ -30,11 +30,11 @@ from benchmarks.onnx_latency import (
     single_thread_session,
     time_runs,
 )
+from models.architectures import build_model
 from models.frame import CROP_SIZE
 from models.inference_form import replace_modules
 from models.mobile_frnet import SpatialGroupEnhance, SqueezeExcitation
 from models.onnx_export import export_onnx
-from models.registry import build_model
 
 
 def without(model: nn.Module, *kinds: type[nn.Module]) -> nn.Module:

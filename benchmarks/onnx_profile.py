@@ -40,12 +40,12 @@ from benchmarks.onnx_latency import (
     single_thread_session,
     time_runs,
 )
+from models.architectures import build_model
 from models.frame import CROP_SIZE
 from models.inference_form import inference_form
 from models.mobile_frnet import HierarchicalInvertedResidual, SpatialGroupEnhance, SqueezeExcitation
 from models.onnx_export import export_onnx
-from models.registry import build_model
-from pipeline.common import write_json
+from pipeline.runtime.stage_tools import write_json
 
 PARTS = ("backbone", "multi-scale", "sge", "se", "layout")
 # Module types whose nodes make up a part; the innermost match wins.

@@ -36,7 +36,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from pipeline.common import write_json  # noqa: E402
+from pipeline.runtime.stage_tools import write_json  # noqa: E402
 
 
 def _plain_worker(paths: list[tuple[str, str]], copies: int = 1) -> int:
@@ -68,7 +68,7 @@ def plain_loop(pairs: list[tuple[str, str]], cpus: int, copies: int) -> float:
 RAY_RUN = """
 import json, logging, sys, time
 import ray
-from pipeline.ray_runtime import start_ray
+from pipeline.runtime.ray_session import start_ray
 from preprocessing.augment import AugmentConfig
 from preprocessing.dataflow import PreprocessConfig
 from preprocessing.ray_preprocess import run_preprocess

@@ -95,7 +95,7 @@ def child(out: Path, stage: str, root: Path, steps: int) -> None:
     import ray
     from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
-    from pipeline.ray_runtime import start_ray
+    from pipeline.runtime.ray_session import start_ray
 
     logging.basicConfig(level=logging.WARNING)
     start_ray(os.cpu_count(), log_to_driver=False, logging_level="ERROR")
@@ -126,8 +126,8 @@ def child(out: Path, stage: str, root: Path, steps: int) -> None:
                    "shards": sum(len(names) for names in manifest.splits.values()),
                    "manifest_bytes": (root / "shards" / "manifest.json").stat().st_size}
     else:
-        from pipeline.train_config import DataConfig, RunConfig, ScalingConfig, TrainConfig
-        from pipeline.training import train
+        from pipeline.training.config import DataConfig, RunConfig, ScalingConfig, TrainConfig
+        from pipeline.training.run import train
 
         config = TrainConfig(epochs=1, data=DataConfig(shards=str(root / "shards"), batch_size=32,
                                                       eval_batch_size=32, max_batches=steps),
@@ -154,7 +154,7 @@ def main() -> None:
         out, stage, root, steps = args.child
         child(Path(out), stage, Path(root), int(steps))
         return
-    from pipeline.common import write_json
+    from pipeline.runtime.stage_tools import write_json
     from preprocessing.linked_tree import link_300w_lp
     from preprocessing.synth import SynthConfig, generate
 

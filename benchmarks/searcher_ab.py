@@ -35,8 +35,8 @@ import ray
 import yaml
 
 from pipeline import tune
-from pipeline.common import progress_logger, setup_logging, write_json
-from pipeline.config import load_config
+from pipeline.runtime.config import load_config
+from pipeline.runtime.stage_tools import progress_logger, setup_logging, write_json
 from preprocessing.dataflow import PreprocessConfig
 from preprocessing.ray_preprocess import run_preprocess
 from preprocessing.synth import SynthConfig, generate

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import cv2  # noqa: E402
 
-from pipeline.common import write_json  # noqa: E402
+from pipeline.runtime.stage_tools import write_json  # noqa: E402
 from preprocessing.synth import SynthConfig, generate  # noqa: E402
 
 

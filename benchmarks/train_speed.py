@@ -35,13 +35,13 @@ def bare_loop(shards: Path, epochs: int) -> float:
     import pyarrow.parquet as pq
     import torch
 
+    from models.architectures import build_model
     from models.face_models import load_face_model
     from models.frame import normalise_input
     from models.losses import FRNetLoss
-    from models.registry import build_model
-    from pipeline.shard_data import TRAINING_COLUMNS, decode_batch
-    from pipeline.train_config import OptimConfig
-    from pipeline.worker import make_optimizer
+    from pipeline.data.shard_reader import TRAINING_COLUMNS, decode_batch
+    from pipeline.training.config import OptimConfig
+    from pipeline.training.worker import make_optimizer
     from preprocessing.manifest import read_manifest
 
     torch.set_num_threads(1)
@@ -74,9 +74,9 @@ def bare_loop(shards: Path, epochs: int) -> float:
 def ray_train(shards: Path, run_dir: Path, epochs: int, cache_decoded: bool) -> float:
     import ray
 
-    from pipeline.ray_runtime import start_ray
-    from pipeline.train_config import DataConfig, RunConfig, ScalingConfig, TrainConfig
-    from pipeline.training import train
+    from pipeline.runtime.ray_session import start_ray
+    from pipeline.training.config import DataConfig, RunConfig, ScalingConfig, TrainConfig
+    from pipeline.training.run import train
 
     start_ray(2, log_to_driver=False, logging_level="ERROR")
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    from pipeline.common import write_json
+    from pipeline.runtime.stage_tools import write_json
     from preprocessing.manifest import read_manifest
     from preprocessing.synth import SynthConfig, generate
 

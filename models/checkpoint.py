@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.architectures import build_model
 from models.face_models import load_face_model
 from models.frame import COORDINATES
 from models.params import ParamStats
 from models.predictor import FacePredictor
-from models.registry import build_model
 
 FORMAT = "mobile-frnet/1"
 REQUIRED_KEYS = ("arch", "width", "state_dict", "param_mean", "param_std", "morphable_source",

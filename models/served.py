@@ -24,16 +24,16 @@ import cv2
 import numpy as np
 import torch
 
+from models.architectures import build_model
 from models.frame import CROP_SIZE, crops_to_tensor, param_frame_to_crop
 from models.morphable import MorphableModel
 from models.params import ParamStats, pose_angles
-from models.registry import build_model
 
 MODEL_FILE = "model.pt"
 META_FILE = "served.json"
 FORMAT = "mobile-frnet-served/1"
 # What the model folder's code needs (module names in the models package); nothing else ships.
-MODULES = ("frame", "params", "morphable", "registry", "mobile_frnet", "mobilenet_v1", "weights", "served")
+MODULES = ("frame", "params", "morphable", "architectures", "mobile_frnet", "mobilenet_v1", "weights", "served")
 OUTPUTS = ("landmarks", "pose", "params")
 
 

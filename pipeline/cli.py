@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"frnet: unknown stage {stage!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"pipeline.{stage}")
-    from pipeline.console import run_main
+    from pipeline.runtime.console import run_main
 
     return run_main(module.main, rest)
 

@@ -38,13 +38,13 @@ from models.checkpoint import ModelBundle
 from models.frame import nme
 from models.synthetic_face import build_synthetic_head
 from pipeline import evaluate, preprocess, train, tune
-from pipeline.common import progress_logger, setup_logging, stage_parser, write_json
-from pipeline.config import ConfigError, load_config
-from pipeline.console import is_verbose, run_main
 from pipeline.predict import predict_images, read_image
-from pipeline.ray_runtime import RayStartError, start_ray
-from pipeline.tracking import bundle_from_model_uri, tracking_uri
-from pipeline.train_config import TrainConfig
+from pipeline.runtime.config import ConfigError, load_config
+from pipeline.runtime.console import is_verbose, run_main
+from pipeline.runtime.ray_session import RayStartError, start_ray
+from pipeline.runtime.stage_tools import progress_logger, setup_logging, stage_parser, write_json
+from pipeline.runtime.tracking import bundle_from_model_uri, tracking_uri
+from pipeline.training.config import TrainConfig
 from preprocessing.datasets import list_aflw2000, read_annotation
 from preprocessing.labels import canonical_angles
 from preprocessing.overlay import (

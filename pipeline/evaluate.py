@@ -15,9 +15,9 @@ AFLW2000-3D (``--aflw2000``, the real folder or ``frnet synth --layout aflw2000-
 points against ``pt3d_68``, AFLW's 21 points, and for a dense morphable model the 3D
 reconstruction; ``--protocol`` adds 3DDFA's reannotated landmarks and ``--yaw-file`` bins.
 AFLW (``--aflw``): 21 points on 3DDFA's crops. Readers: :mod:`preprocessing.benchmark_sets`;
-scoring: :mod:`pipeline.scoring`.
+scoring: :mod:`pipeline.evaluation.scoring`.
 
-Output: the figures as JSON (fractions; layout in :func:`models.evaluation.aflw2000_report`;
+Output: the figures as JSON (fractions; layout in :func:`models.metrics.aflw2000_report`;
 ``evaluation_set``: the AFLW2000-3D set's digest, image count and scoring protocol, which
 ``frnet register`` compares before it moves ``champion``),
 pictures in ``--out`` (default: beside the JSON): the cumulative error distribution, NME by yaw
@@ -33,7 +33,6 @@ import argparse
 import logging
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -41,22 +40,19 @@ from typing import Any
 import numpy as np
 import pyarrow.fs as pafs
 
-from models.checkpoint import ModelBundle, load_bundle
-from models.face_models import load_face_model
-from models.params import ParamStats
+from models.architectures import ARCHITECTURES
 from models.predictor import FacePredictor, MeanFacePredictor
-from models.registry import ARCHITECTURES, load_model
-from pipeline.common import progress_logger, setup_logging, stage_parser, write_json
-from pipeline.console import run_main
-from pipeline.evaluation_pictures import format_table, overlay_sheet, plot_cumulative_errors, plot_yaw_bins
-from pipeline.scoring import (
+from pipeline.evaluation.model_loading import check_model_args, load_predictor
+from pipeline.evaluation.pictures import format_table, overlay_sheet, plot_cumulative_errors, plot_yaw_bins
+from pipeline.evaluation.scoring import (
     FacePredictions,
     aflw2000_folder_set,
     aflw2000_reports,
     predict_aflw2000,
     score_aflw,
 )
-from pipeline.tracking import bundle_from_model_uri
+from pipeline.runtime.console import run_main
+from pipeline.runtime.stage_tools import progress_logger, setup_logging, stage_parser, write_json
 from preprocessing.benchmark_sets import Aflw2000Protocol, AflwSet
 from preprocessing.datasets import SampleRef, list_aflw2000
 from preprocessing.errors import DatasetError
@@ -111,71 +107,6 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 # -- the model ------------------------------------------------------------------------------------
-
-def check_model_args(args: argparse.Namespace) -> None:
-    """``--morphable`` and ``--param-stats`` go with ``--arch`` (a bare checkpoint), both of them."""
-    extras = [flag for flag, value in (("--morphable", args.morphable), ("--param-stats", args.param_stats))
-              if value is not None]
-    if args.arch is None and extras:
-        raise ValueError(f"{' and '.join(extras)} only go with --arch (a model file carries its own)")
-    if args.arch is not None and len(extras) < 2:
-        raise ValueError("--arch needs --morphable SOURCE and --param-stats MEAN_FILE,STD_FILE")
-
-
-def parse_param_stats(spec: str, locate: Callable[[str], Path] = Path) -> ParamStats:
-    """``MEAN_FILE,STD_FILE`` -> the whitening statistics in those two text files (each path
-    found by ``locate``)."""
-    parts = spec.split(",")
-    if len(parts) != 2 or not all(part.strip() for part in parts):
-        raise ValueError(f"--param-stats {spec!r}: expected MEAN_FILE,STD_FILE (two paths, one comma)")
-    return ParamStats.from_text_files(locate(parts[0].strip()), locate(parts[1].strip()))
-
-
-def read_model_file(path: Path) -> ModelBundle:
-    """The project's model file at ``path``; a ValueError says why a file is not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
-    try:
-        bundle, _ = load_bundle(path)
-    except ValueError as err:
-        raise ValueError(f"{err}; for a bare network checkpoint give --arch, --morphable and "
-                         "--param-stats") from err
-    return bundle
-
-
-def load_predictor(args: argparse.Namespace) -> tuple[FacePredictor, dict[str, Any]]:
-    """The predictor the arguments describe and a description of it for the JSON."""
-    if args.model_uri is not None:
-        if args.arch is not None:
-            raise ValueError("--arch reads a bare checkpoint; a --model-uri carries its own")
-        bundle = bundle_from_model_uri(args.model_uri, args.tracking_uri)
-        predictor = bundle.predictor(args.device)
-        return predictor, {"checkpoint": args.model_uri, "arch": bundle.arch, "width": bundle.width,
-                           "morphable_model": predictor.model.identity,
-                           "param_stats": predictor.stats.identity}
-    if args.arch is None:
-        bundle = read_model_file(args.checkpoint)
-        try:
-            predictor = bundle.predictor(args.device)
-        except RuntimeError as err:  # load_state_dict(strict=True) on weights of another network
-            raise ValueError(f"{args.checkpoint}: its weights do not fit {bundle.arch} "
-                             f"(width {bundle.width}): {err}") from err
-        arch, width = bundle.arch, bundle.width
-    else:
-        stats = parse_param_stats(args.param_stats)
-        face_model = load_face_model(args.morphable)
-        if not args.checkpoint.is_file():
-            raise ValueError(f"{args.checkpoint}: no such file")
-        network = load_model(args.arch, args.width, args.checkpoint)  # ValueError names the file
-        predictor = FacePredictor(network, stats, face_model, args.device)
-        arch, width = args.arch, args.width
-    return predictor, {
-        "checkpoint": str(args.checkpoint), "arch": arch, "width": width,
-        "morphable_model": predictor.model.identity, "param_stats": predictor.stats.identity,
-    }
-
-
 
 # -- the stage ------------------------------------------------------------------------------------
 

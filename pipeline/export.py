@@ -23,12 +23,18 @@ import logging
 import sys
 from pathlib import Path
 
+from models.architectures import count_complexity, load_model
 from models.frame import CROP_SIZE
 from models.onnx_export import export_onnx
-from models.registry import count_complexity, load_model
-from pipeline.common import add_arch_arguments, resolve_arch, setup_logging, stage_parser, write_json
-from pipeline.console import run_main
-from pipeline.paths import input_path
+from pipeline.runtime.console import run_main
+from pipeline.runtime.paths import input_path
+from pipeline.runtime.stage_tools import (
+    add_arch_arguments,
+    resolve_arch,
+    setup_logging,
+    stage_parser,
+    write_json,
+)
 
 LOG = logging.getLogger("frnet.export")
 

@@ -4,7 +4,7 @@
     python -m pipeline.info --arch mobilenet-v1 --width 0.5
 
 MACs count the multiply-adds of convolutions and matrix products once; FLOPs = 2 MACs (see
-:mod:`models.registry` for how these relate to the papers' figures).
+:mod:`models.architectures` for how these relate to the papers' figures).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import logging
 import sys
 from pathlib import Path
 
+from models.architectures import build_model, count_complexity
 from models.frame import CROP_SIZE
-from models.registry import build_model, count_complexity
-from pipeline.common import add_arch_arguments, setup_logging, stage_parser, write_json
-from pipeline.console import run_main
+from pipeline.runtime.console import run_main
+from pipeline.runtime.stage_tools import add_arch_arguments, setup_logging, stage_parser, write_json
 
 LOG = logging.getLogger("frnet.info")
 

@@ -5,7 +5,7 @@
     frnet predict --checkpoint runs/default/models/mobile-frnet.pt IMAGE... [--box ...]
 
 ``--box`` is a face detector's box (x1, y1, x2, y2 in pixels) used for every image. Without it
-each image goes through the MTCNN face detector (:mod:`preprocessing.face_detector`, weights from
+each image goes through the MTCNN face detector (:mod:`preprocessing.mtcnn_detector`, weights from
 the ``mtcnn`` package) and its largest face is predicted, or with ``--all-faces`` every face.
 Either box is cropped by 3DDFA_V2's rule. Every fit is checked (:func:`fit_checks`) and flagged
 when the detector's score, its five points or the fitted region look wrong. Per face it writes
@@ -35,11 +35,11 @@ import numpy as np
 
 from models.checkpoint import ModelBundle, load_bundle
 from models.predictor import FacePredictor, Prediction
-from pipeline.common import setup_logging, stage_parser, write_json
-from pipeline.console import run_main
-from pipeline.paths import input_path
-from pipeline.tracking import bundle_from_model_uri
-from preprocessing.face_detector import MtcnnFaceDetector
+from pipeline.runtime.console import run_main
+from pipeline.runtime.paths import input_path
+from pipeline.runtime.stage_tools import setup_logging, stage_parser, write_json
+from pipeline.runtime.tracking import bundle_from_model_uri
+from preprocessing.mtcnn_detector import MtcnnFaceDetector
 from preprocessing.overlay import BOX_BGR, FLAGGED_BGR, caption, draw_box, draw_landmarks
 
 LOG = logging.getLogger("frnet.predict")

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import ray
 
-from pipeline.cluster_storage import check_shared, preprocessing_folders
-from pipeline.common import setup_logging, stage_parser, write_json
-from pipeline.config import ConfigError, load_config, with_overrides
-from pipeline.console import run_main
-from pipeline.paths import input_location, input_path, model_source
-from pipeline.ray_runtime import RayStartError, start_ray
+from pipeline.runtime.cluster_storage import check_shared, preprocessing_folders
+from pipeline.runtime.config import ConfigError, load_config, with_overrides
+from pipeline.runtime.console import run_main
+from pipeline.runtime.paths import input_location, input_path, model_source
+from pipeline.runtime.ray_session import RayStartError, start_ray
+from pipeline.runtime.stage_tools import setup_logging, stage_parser, write_json
 from preprocessing.dataflow import PreprocessConfig
 from preprocessing.datasets import resolve
 from preprocessing.errors import DatasetError

@@ -24,16 +24,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from models.architectures import ARCHITECTURES, build_model, load_model
 from models.checkpoint import ModelBundle
 from models.face_models import load_face_model
-from models.registry import ARCHITECTURES, build_model, load_model
-from pipeline.common import progress_logger, setup_logging, stage_parser, write_json
-from pipeline.console import run_main
-from pipeline.evaluate import check_model_args, parse_param_stats, read_model_file
-from pipeline.paths import input_path, model_source
-from pipeline.registration import register_scored
-from pipeline.scoring import EvaluationSet, aflw2000_folder_set, aflw2000_reports, predict_aflw2000
-from pipeline.tracking import active_run, log_params, log_served_model, open_store, set_tags
+from pipeline.evaluation.model_loading import check_model_args, parse_param_stats, read_model_file
+from pipeline.evaluation.scoring import EvaluationSet, aflw2000_folder_set, aflw2000_reports, predict_aflw2000
+from pipeline.registration.gate import register_scored
+from pipeline.runtime.console import run_main
+from pipeline.runtime.paths import input_path, model_source
+from pipeline.runtime.stage_tools import progress_logger, setup_logging, stage_parser, write_json
+from pipeline.runtime.tracking import active_run, log_params, log_served_model, open_store, set_tags
 from preprocessing.benchmark_sets import Aflw2000Protocol
 from preprocessing.datasets import list_aflw2000
 from preprocessing.errors import DatasetError

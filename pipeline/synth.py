@@ -15,9 +15,9 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.common import progress_logger, setup_logging, stage_parser, write_json
-from pipeline.config import ConfigError, from_dict, load_config
-from pipeline.console import run_main
+from pipeline.runtime.config import ConfigError, from_dict, load_config
+from pipeline.runtime.console import run_main
+from pipeline.runtime.stage_tools import progress_logger, setup_logging, stage_parser, write_json
 from preprocessing.synth import LAYOUTS, SynthConfig, generate
 
 LOG = logging.getLogger("frnet.synth")

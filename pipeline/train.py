@@ -6,7 +6,7 @@
     ray submit cluster.yaml pipeline/train.py -- --config configs/cluster/train.yaml
 
 Runs on the Ray cluster it finds (RAY_ADDRESS, or a running local one), else starts a local one.
-What a run does: :mod:`pipeline.training`. Ctrl-C stops a run with exit status 130, printing the
+What a run does: :mod:`pipeline.training.run`. Ctrl-C stops a run with exit status 130, printing the
 checkpoint it saved and the command that resumes it.
 """
 
@@ -20,14 +20,14 @@ from pathlib import Path
 
 import ray
 
-from pipeline.common import setup_logging, stage_parser, write_json
-from pipeline.config import ConfigError, load_config, with_overrides
-from pipeline.console import run_main
-from pipeline.paths import input_location, input_path
-from pipeline.ray_runtime import RayStartError, start_ray
-from pipeline.shard_data import ShardError, shard_read_failure
-from pipeline.train_config import TrainConfig
-from pipeline.training import TrainingInterrupted, train
+from pipeline.data.shard_reader import ShardError, shard_read_failure
+from pipeline.runtime.config import ConfigError, load_config, with_overrides
+from pipeline.runtime.console import run_main
+from pipeline.runtime.paths import input_location, input_path
+from pipeline.runtime.ray_session import RayStartError, start_ray
+from pipeline.runtime.stage_tools import setup_logging, stage_parser, write_json
+from pipeline.training.config import TrainConfig
+from pipeline.training.run import TrainingInterrupted, train
 
 LOG = logging.getLogger("frnet.train")
 # The shell's status for a command stopped by Ctrl-C (128 + SIGINT).

@@ -7,7 +7,7 @@
     frnet tune ... --resume      # continue the interrupted sweep of the same name
     frnet tune --config C --storage S --name N --resume   # ... from another head, given its storage
 
-What a sweep does: :mod:`pipeline.sweep`.
+What a sweep does: :mod:`pipeline.sweeps.run`.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from typing import Any
 
 import ray
 
-from pipeline.common import setup_logging, stage_parser, write_json
-from pipeline.config import ConfigError
-from pipeline.console import run_main
-from pipeline.paths import input_location, input_path
-from pipeline.ray_runtime import RayStartError, start_ray
-from pipeline.sweep import SweepInterrupted, SweepRequest, tune_sweep
-from pipeline.tune_config import load_sweep_config
+from pipeline.runtime.config import ConfigError
+from pipeline.runtime.console import run_main
+from pipeline.runtime.paths import input_location, input_path
+from pipeline.runtime.ray_session import RayStartError, start_ray
+from pipeline.runtime.stage_tools import setup_logging, stage_parser, write_json
+from pipeline.sweeps.config import load_sweep_config
+from pipeline.sweeps.run import SweepInterrupted, SweepRequest, tune_sweep
 
 LOG = logging.getLogger("frnet.tune")
 

@@ -18,8 +18,8 @@ import cv2
 import numpy as np
 import pyarrow.fs as pafs
 
-from models.evaluation import MISSING_POINT
 from models.frame import CROP_SIZE, crop_image, landmark_crop_box
+from models.metrics import MISSING_POINT
 from preprocessing.annotations import MatAnnotation, decode_image
 from preprocessing.datasets import SampleRef, read_annotation, read_image
 from preprocessing.errors import DatasetError, MissingFileError

@@ -2,7 +2,7 @@
 
 ``Annotated[float, Range(gt=0)]`` is a number's range (a float must also be finite: NaN and inf
 never pass), ``Annotated[str, NAME]`` a name that becomes a file, folder or MLflow name.
-:func:`pipeline.config.from_dict` enforces them when a file is read, naming the file and the dotted
+:func:`pipeline.runtime.config.from_dict` enforces them when a file is read, naming the file and the dotted
 key; :func:`check_fields` enforces the same rules on a config built in code. The rules live here,
 below ``pipeline/``, so that the preprocessing stages' configs declare theirs too.
 """

@@ -34,8 +34,8 @@ import cv2
 import numpy as np
 import scipy.io
 
-from models.evaluation import AFLW21_FROM_68
 from models.frame import crop_image, landmark_crop_box, reflect
+from models.metrics import AFLW21_FROM_68
 from models.mirror import mirror_map
 from models.params import NUM_EXPRESSION, NUM_SHAPE, rotation_from_angles
 from models.synthetic_face import SyntheticHead, build_synthetic_head

@@ -64,7 +64,7 @@ def ray_local():
     """One local Ray for the whole session (2 CPUs), shut down at the end."""
     import ray
 
-    from pipeline.ray_runtime import start_ray
+    from pipeline.runtime.ray_session import start_ray
 
     if not ray.is_initialized():
         start_ray(2, log_to_driver=False, logging_level="WARNING")

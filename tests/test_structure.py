@@ -114,8 +114,8 @@ def test_the_checks_see_a_planted_copy(tmp_path):
     """The walkers above find what they look for: a planted import, constant, reflection, size."""
     planted = tmp_path / "planted.py"
     planted.write_text('"""Mentions 120 + 1 - y in prose only."""\nCROP_SIZE = 120\n\n\n'
-                       "def f(y):\n    from pipeline.tracking import register\n    return 120 + 1 - y\n")
-    assert "pipeline.tracking" in imported_modules(planted)
+                       "def f(y):\n    from pipeline.training import run\n    return 120 + 1 - y\n")
+    assert "pipeline.training" in imported_modules(planted)
     assert "CROP_SIZE" in module_names(planted)
     assert sum(is_reflection(node) for node in docstring_free_nodes(planted)) == 1
     assert sum(is_crop_side(node) for node in docstring_free_nodes(planted)) == 2
@@ -136,3 +136,41 @@ def test_a_served_model_ships_every_module_it_imports_and_no_other_package():
                 assert rest in MODULES, f"models/{module}.py imports {name}, which a served model lacks"
             else:
                 assert top in allowed, f"models/{module}.py imports {name}: not shipped with a served model"
+
+
+# The commands users run: ``frnet STAGE`` is ``python pipeline/STAGE.py``; ``cli`` is ``frnet`` itself.
+STAGE_SCRIPTS = {"cli", "synth", "preprocess", "train", "tune", "evaluate", "register", "predict", "export",
+                 "info", "demo"}
+
+
+def test_the_pipeline_top_level_holds_the_stage_scripts_only():
+    from pipeline.cli import STAGES
+
+    top = {path.stem for path in (REPO_ROOT / "pipeline").glob("*.py")} - {"__init__"}
+    assert top == STAGE_SCRIPTS, f"pipeline/ holds {sorted(top - STAGE_SCRIPTS)} beside the stage scripts " \
+        f"(libraries go in a sub-package) or lacks {sorted(STAGE_SCRIPTS - top)}"
+    assert set(STAGES) | {"cli"} == STAGE_SCRIPTS, "every stage script is a frnet command"
+
+
+def test_no_stage_script_imports_another_but_the_demo():
+    """Stages hand work on through the libraries; only the demo chains the stages themselves."""
+    offending = []
+    for path in modules("pipeline"):
+        if path.stem == "demo" and path.parent.name == "pipeline":
+            continue
+        tree = ast.parse(path.read_text())
+        named = {name for name in imported_modules(path) if name.count(".") == 1}
+        named |= {f"pipeline.{alias.name}" for node in ast.walk(tree)
+                  if isinstance(node, ast.ImportFrom) and node.module == "pipeline" for alias in node.names}
+        offending += [f"{path.relative_to(REPO_ROOT)} imports the stage script {name}"
+                      for name in sorted(named)
+                      if name.split(".")[0] == "pipeline" and name.split(".")[1] in STAGE_SCRIPTS]
+    assert not offending, "\n".join(offending)
+
+
+def test_the_layout_page_names_every_module():
+    """docs/layout.md has one line for every module of the three packages."""
+    layout = (REPO_ROOT / "docs" / "layout.md").read_text()
+    missing = [str(path.relative_to(REPO_ROOT)) for path in modules(*PACKAGES)
+               if path.name != "__init__.py" and f"`{path.relative_to(REPO_ROOT)}`" not in layout]
+    assert not missing, "docs/layout.md does not name: " + ", ".join(missing)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from models.evaluation import (
+from models.metrics import (
     AFLW21_FROM_68,
     aflw21_from_68,
     aflw2000_report,

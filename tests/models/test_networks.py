@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch import nn
 
+from models.architectures import ARCHITECTURES, build_model, count_complexity, load_model
 from models.mobile_frnet import (
     MOBILENET_V2_LAYOUT,
     ConvBNReLU6,
@@ -14,7 +15,6 @@ from models.mobile_frnet import (
     sge_groups,
 )
 from models.mobilenet_v1 import MobileNetV1, load_3ddfa_v2_checkpoint
-from models.registry import ARCHITECTURES, build_model, count_complexity, load_model
 from tests.conftest import shared_path
 
 # Li et al., ICPR 2020, Table (params in millions).

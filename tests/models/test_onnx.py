@@ -5,11 +5,11 @@ import scipy.io
 import torch
 from torch import nn
 
+from models.architectures import build_model
 from models.frame import crop_image, crops_to_tensor, landmark_crop_box
 from models.inference_form import inference_form
 from models.mobile_frnet import SpatialGroupEnhance
 from models.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx
-from models.registry import build_model
 from tests.conftest import real_face_image, shared_path
 
 ort = pytest.importorskip("onnxruntime")

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from models import served
+from models.architectures import build_model
 from models.checkpoint import ModelBundle, bundle_to_dict
 from models.frame import crop_image, image_to_crop
 from models.params import ParamStats
 from models.predictor import FacePredictor
-from models.registry import build_model
 from models.synthetic_face import build_synthetic_head
 
 

@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from pipeline.batch_mixing import expected_distinct, measure_mixing
-from pipeline.shard_data import read_split
-from pipeline.train_config import DataConfig
+from pipeline.data.batch_mixing import expected_distinct, measure_mixing
+from pipeline.data.shard_reader import read_split
+from pipeline.training.config import DataConfig
 from preprocessing.augment import AugmentConfig
 from preprocessing.dataflow import PreprocessConfig, dealt_sources
 from preprocessing.datasets import list_300w_lp

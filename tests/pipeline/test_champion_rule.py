@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 
+from models.architectures import build_model
 from models.checkpoint import ModelBundle, save_bundle
 from models.face_models import load_face_model
 from models.frame import landmark_crop_box
 from models.params import ParamStats
-from models.registry import build_model
 from pipeline import register
-from pipeline.registration import Scored, champion_decision
-from pipeline.scoring import SCORING_PROTOCOL, SET_TAGS, EvaluationSet
-from pipeline.tracking import CHAMPION, RANKING_TAG
+from pipeline.evaluation.scoring import SCORING_PROTOCOL, SET_TAGS, EvaluationSet
+from pipeline.registration.gate import Scored, champion_decision
+from pipeline.runtime.tracking import CHAMPION, RANKING_TAG
 from preprocessing.datasets import list_aflw2000, read_annotation
 from preprocessing.labels import label_from_annotation
 from preprocessing.synth import SynthConfig, generate

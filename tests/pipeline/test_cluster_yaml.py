@@ -17,11 +17,11 @@ import pytest
 import ray.autoscaler
 import yaml
 
-from pipeline.config import ConfigError, load_config
-from pipeline.paths import input_path
-from pipeline.sweep_search import plan_concurrency
+from pipeline.runtime.config import ConfigError, load_config
+from pipeline.runtime.paths import input_path
+from pipeline.sweeps.config import base_train_config, load_sweep_config
+from pipeline.sweeps.search import plan_concurrency
 from pipeline.train import load_train_config, parse_args
-from pipeline.tune_config import base_train_config, load_sweep_config
 from preprocessing.dataflow import PreprocessConfig
 from tests.conftest import REPO_ROOT
 

@@ -12,7 +12,7 @@ import ray
 
 from pipeline import predict, preprocess, train, tune
 from pipeline.cli import STAGES
-from pipeline.common import EXIT_STATUS
+from pipeline.runtime.stage_tools import EXIT_STATUS
 
 # Options that name where a stage writes; each either is required or says its default.
 OUTPUT_OPTIONS = {"--out", "--output", "--run-dir", "--json", "--onnx"}

@@ -3,7 +3,7 @@ from dataclasses import dataclass, field
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, from_dict, load_config, to_plain
+from pipeline.runtime.config import ConfigError, from_dict, load_config, to_plain
 from preprocessing.synth import SynthConfig
 from tests.conftest import REPO_ROOT
 
@@ -63,9 +63,9 @@ def test_shipped_synth_config_loads():
 
 def test_resources_per_worker_reach_the_trial(tmp_path):
     """Custom node resources per worker: checked where they are set, carried into each trial."""
-    from pipeline.sweep import SweepContext, trial_config
-    from pipeline.train_config import TrainConfig
-    from pipeline.tune_config import SweepConfig
+    from pipeline.sweeps.config import SweepConfig
+    from pipeline.sweeps.run import SweepContext, trial_config
+    from pipeline.training.config import TrainConfig
 
     path = tmp_path / "train.yaml"
     for value, message in (
@@ -85,7 +85,7 @@ def test_resources_per_worker_reach_the_trial(tmp_path):
 
 
 def test_the_learning_rate_follows_the_global_batch():
-    from pipeline.train_config import DataConfig, OptimConfig, ScalingConfig, TrainConfig
+    from pipeline.training.config import DataConfig, OptimConfig, ScalingConfig, TrainConfig
 
     def config(workers: int, batch: int, scaling: str) -> TrainConfig:
         return TrainConfig(optim=OptimConfig(lr=0.02, reference_batch=256, lr_scaling=scaling),
@@ -106,8 +106,8 @@ def test_the_read_ahead_bound_reaches_ray_train():
     Ray's own; below 1 is refused."""
     import ray.data
 
-    from pipeline.train_config import DataConfig, TrainConfig
-    from pipeline.trainer import ingest_options
+    from pipeline.training.config import DataConfig, TrainConfig
+    from pipeline.training.trainer import ingest_options
 
     assert ingest_options(DataConfig(read_ahead_mib=512)).resource_limits.object_store_memory == 512 * 2**20
     ray_default = ray.data.DataContext.get_current().execution_options.resource_limits.object_store_memory

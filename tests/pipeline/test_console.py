@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import ray.exceptions
 
-from pipeline import console
+from pipeline.runtime import console
 
 
 def record(pathname: str, level: int, name: str = "x") -> logging.LogRecord:
@@ -21,7 +21,7 @@ def test_ray_info_lines_are_dropped_and_its_warnings_kept():
     keep = console.RayInfoFilter()
     assert not keep.filter(record(ray_file, logging.INFO, name=ray_file))
     assert keep.filter(record(ray_file, logging.WARNING)) and keep.filter(record(ray_file, logging.ERROR))
-    assert keep.filter(record("/work/project/pipeline/worker.py", logging.INFO, "frnet.train"))
+    assert keep.filter(record("/work/project/pipeline/training/worker.py", logging.INFO, "frnet.train"))
 
 
 def test_quiet_libraries_sets_the_levels_and_verbose_leaves_them(monkeypatch):
@@ -61,7 +61,7 @@ def test_a_ray_failure_ends_with_one_line_of_advice(error, is_ray, capsys, monke
 def test_log_axis_labels_are_plain_numbers_without_minor_labels(tmp_path):
     import matplotlib.pyplot as plt
 
-    from pipeline.sweep_report import log_x_axis
+    from pipeline.sweeps.report import log_x_axis
 
     figure, axis = plt.subplots()
     axis.scatter([0.012, 0.05, 0.21], [1, 2, 3])

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import scipy.io
 
+from models.architectures import build_model
 from models.checkpoint import ModelBundle, load_bundle, save_bundle
 from models.face_models import load_face_model
 from models.frame import (
@@ -19,8 +20,8 @@ from models.frame import (
     param_frame_to_crop,
 )
 from models.params import ParamStats
-from models.registry import build_model
-from pipeline import evaluate, scoring
+from pipeline import evaluate
+from pipeline.evaluation import scoring
 from preprocessing.datasets import list_aflw2000, read_annotation
 from preprocessing.labels import canonical_angles, label_from_annotation
 from preprocessing.synth import SynthConfig, generate

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from models.architectures import build_model
 from models.checkpoint import ModelBundle, save_bundle
 from models.params import ParamStats
-from models.registry import build_model
 from pipeline import export, info
 from tests.conftest import shared_path
 

@@ -2,7 +2,7 @@
 starts (GCS, raylet, object manager, dashboard and agents, Prometheus metrics, workers and actors,
 and torch.distributed's rendezvous store served by Ray Train's rank 0) is bound to 127.0.0.1 or
 ::1, never to all interfaces. The store binds every interface unless it is handed a socket, which
-:mod:`pipeline.torch_backend` does; the test sees it among the Train workers' listeners."""
+:mod:`pipeline.runtime.torch_backend` does; the test sees it among the Train workers' listeners."""
 
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import psutil
 import pytest
 import yaml
 
-from pipeline.config import to_plain
-from pipeline.ray_runtime import cluster_to_join
-from pipeline.train_config import DataConfig, RunConfig, ScalingConfig, TrainConfig
+from pipeline.runtime.config import to_plain
+from pipeline.runtime.ray_session import cluster_to_join
+from pipeline.training.config import DataConfig, RunConfig, ScalingConfig, TrainConfig
 from tests.conftest import tiny_shards
 from tests.pipeline.cluster_harness import FOREIGN_ENV, session_members, tail
 

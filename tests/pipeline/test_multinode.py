@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from models.checkpoint import load_bundle
-from pipeline.tracking import bundle_from_model_uri
+from pipeline.runtime.tracking import bundle_from_model_uri
 from preprocessing.synth import SynthConfig, generate
 from tests.pipeline.cluster_harness import (
     FOREIGN_ENV,

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from pipeline.config import ConfigError
-from pipeline.paths import CHECKOUT, input_location, input_path, model_source
+from pipeline.runtime.config import ConfigError
+from pipeline.runtime.paths import CHECKOUT, input_location, input_path, model_source
 from tests.conftest import REPO_ROOT
 
 FRNET = [sys.executable, "-m", "pipeline.cli"]

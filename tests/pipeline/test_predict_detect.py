@@ -15,9 +15,9 @@ from models.mobilenet_v1 import load_3ddfa_v2_checkpoint
 from models.morphable import MorphableModel
 from models.params import ParamStats
 from pipeline import predict
-from preprocessing import detection
+from preprocessing import haar_detector
 from preprocessing.annotations import parse_mat
-from preprocessing.detection import HaarFaceDetector, haar_to_detector_boxes, largest_first
+from preprocessing.haar_detector import HaarFaceDetector, haar_to_detector_boxes, largest_first
 from preprocessing.labels import image_landmarks
 from tests.conftest import box_iou, real_face_image, shared_path
 
@@ -67,8 +67,8 @@ def wanted_detector_box(landmarks: np.ndarray) -> np.ndarray:
 def test_haar_hits_become_detector_boxes_in_one_based_pixels():
     # A hit over array columns 10..109, rows 20..119 spans 10.5..110.5, 20.5..120.5 (1-based).
     boxes = haar_to_detector_boxes(np.array([[10, 20, 100, 100]]))
-    side = detection.HAAR_TO_DETECTOR_SCALE * 100
-    centre = np.array([60.5, 70.5 + detection.HAAR_TO_DETECTOR_SHIFT * 100])
+    side = haar_detector.HAAR_TO_DETECTOR_SCALE * 100
+    centre = np.array([60.5, 70.5 + haar_detector.HAAR_TO_DETECTOR_SHIFT * 100])
     np.testing.assert_allclose(boxes[0], [*(centre - side / 2), *(centre + side / 2)])
     assert haar_to_detector_boxes(np.zeros((0, 4))).shape == (0, 4)
     order = largest_first(np.array([[0, 0, 10, 10], [0, 0, 30, 30], [5, 5, 25, 25]]))
@@ -181,7 +181,7 @@ def test_the_demo_showcase_fails_on_a_planted_false_detection(peer_model_file, t
     showcase lists that image as a failure (the demo then exits 1) and still draws its sheet."""
     from models.checkpoint import load_bundle
     from pipeline.demo import frontal_stems, showcase
-    from preprocessing.face_detector import Detections, MtcnnFaceDetector
+    from preprocessing.mtcnn_detector import Detections, MtcnnFaceDetector
     from preprocessing.synth import SynthConfig, generate
 
     folder = tmp_path / "AFLW2000"

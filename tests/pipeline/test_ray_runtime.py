@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from pipeline.ray_runtime import cluster_to_join
+from pipeline.runtime.ray_session import cluster_to_join
 
 FRNET = [sys.executable, "-m", "pipeline.cli"]
 

@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 import torch
 
+from models.architectures import build_model
 from models.checkpoint import ModelBundle, save_bundle
 from models.frame import crop_image, crop_to_image, nme
 from models.params import ParamStats
-from models.registry import build_model
-from pipeline.tracking import CHAMPION, RANKING_TAG, bundle_from_model_uri, open_store
+from pipeline.runtime.tracking import CHAMPION, RANKING_TAG, bundle_from_model_uri, open_store
 from tests.conftest import REPO_ROOT, real_face_image, shared_path
 from tests.pipeline.cluster_harness import FOREIGN_ENV, VENV_BIN, Deadline, free_ports, wait_for_url
 

@@ -19,9 +19,8 @@ import pytest
 import yaml
 
 from pipeline import train, tune
-from pipeline.config import ConfigError, Name, Range, load_config
-from pipeline.train_config import TrainConfig
-from pipeline.tune_config import (
+from pipeline.runtime.config import ConfigError, Name, Range, load_config
+from pipeline.sweeps.config import (
     NOT_SEARCHABLE,
     SearchSpace,
     SpaceSettings,
@@ -29,6 +28,7 @@ from pipeline.tune_config import (
     leaf_keys,
     load_space,
 )
+from pipeline.training.config import TrainConfig
 from preprocessing.augment import AugmentConfig, GeometricConfig, PhotometricConfig
 from preprocessing.dataflow import PreprocessConfig
 from preprocessing.synth import SynthConfig

@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from models.checkpoint import load_bundle
-from pipeline.config import ConfigError, to_plain
-from pipeline.train_config import DataConfig, OptimConfig, RunConfig, ScalingConfig, TrainConfig
-from pipeline.training import train
+from pipeline.runtime.config import ConfigError, to_plain
+from pipeline.training.config import DataConfig, OptimConfig, RunConfig, ScalingConfig, TrainConfig
+from pipeline.training.run import train
 from preprocessing.synth import SynthConfig, generate
 from tests.conftest import tiny_shards
 from tests.pipeline.cluster_harness import FOREIGN_ENV, store_has_run, tail

@@ -18,14 +18,14 @@ import mlflow
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, to_plain
-from pipeline.resume import last_saved
-from pipeline.shard_data import ShardError, shard_read_failure
-from pipeline.tracking import DRIVER_TAG
+from pipeline.data.shard_reader import ShardError, shard_read_failure
+from pipeline.runtime.config import ConfigError, to_plain
+from pipeline.runtime.tracking import DRIVER_TAG
 from pipeline.train import load_train_config, parse_args
-from pipeline.train_config import DataConfig, RunConfig, ScalingConfig, TrainConfig
-from pipeline.trainer import make_trainer
-from pipeline.training import train
+from pipeline.training.config import DataConfig, RunConfig, ScalingConfig, TrainConfig
+from pipeline.training.resume import last_saved
+from pipeline.training.run import train
+from pipeline.training.trainer import make_trainer
 from preprocessing.manifest import read_manifest
 from tests.conftest import tiny_shards
 from tests.pipeline.cluster_harness import FOREIGN_ENV, VENV_BIN, store_has_run, tail

@@ -176,8 +176,8 @@ def test_the_sweep_keeps_asha_rungs_and_writes_the_best_config(sweep, sweep_file
     """ASHA's rungs survive the interruption (the trials before it still count for the ones after
     it); the console names each ended trial and the best so far, as the sweep ranks them; and the
     best trial's config is written for a longer training run."""
-    from pipeline.config import load_config
-    from pipeline.train_config import TrainConfig
+    from pipeline.runtime.config import load_config
+    from pipeline.training.config import TrainConfig
 
     figures = sweep["figures"]
     rungs = json.loads((sweep["run_dir"] / "ray" / "sweep" / "frnet_sweep" / "asha_rungs.json").read_text())

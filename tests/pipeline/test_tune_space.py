@@ -8,10 +8,10 @@ import optuna
 import pytest
 from ray.tune.search.optuna import OptunaSearch
 
-from pipeline.config import ConfigError, from_dict, with_overrides
-from pipeline.sweep_search import plan_concurrency, search_domain
-from pipeline.train_config import TrainConfig
-from pipeline.tune_config import SweepConfig, base_train_config, load_space, load_sweep_config
+from pipeline.runtime.config import ConfigError, from_dict, with_overrides
+from pipeline.sweeps.config import SweepConfig, base_train_config, load_space, load_sweep_config
+from pipeline.sweeps.search import plan_concurrency, search_domain
+from pipeline.training.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -11,10 +11,10 @@ import torch
 from models.frame import detector_crop_box, landmark_crop_box
 from models.morphable import MorphableModel
 from pipeline.predict import five_points
-from preprocessing import face_detector
+from preprocessing import mtcnn_detector
 from preprocessing.annotations import parse_mat
-from preprocessing.face_detector import MtcnnFaceDetector, mtcnn_to_detector_boxes
 from preprocessing.labels import image_landmarks
+from preprocessing.mtcnn_detector import MtcnnFaceDetector, mtcnn_to_detector_boxes
 from tests.conftest import box_iou, real_face_image, shared_path
 
 
@@ -39,15 +39,15 @@ def pattern(height: int, width: int) -> torch.Tensor:
 @torch.no_grad()
 def test_networks_give_the_packages_tensorflow_outputs(detector):
     # Measured once with mtcnn 1.0.0's Keras models (TensorFlow 2.21) on the same inputs.
-    offsets, probability = face_detector.pnet(pattern(16, 22), detector.weights["pnet"])
+    offsets, probability = mtcnn_detector.pnet(pattern(16, 22), detector.weights["pnet"])
     assert probability.shape == (1, 3, 6)
     np.testing.assert_allclose(offsets[0, :, 0, 0], [-0.01172, -0.14628, -0.28707, -0.01625], atol=2e-5)
     np.testing.assert_allclose(probability[0, [0, 2, 2], [0, 4, 5]], [2.95964e-02, 2.86330e-04, 6.04452e-04],
                                rtol=1e-4)
-    offsets, probability = face_detector.rnet(pattern(24, 24), detector.weights["rnet"])
+    offsets, probability = mtcnn_detector.rnet(pattern(24, 24), detector.weights["rnet"])
     np.testing.assert_allclose(offsets[0], [-0.22328, -0.17618, -0.06309, 0.41895], atol=2e-5)
     np.testing.assert_allclose(probability, [8.380025e-4], rtol=1e-4)
-    offsets, points, probability = face_detector.onet(pattern(48, 48), detector.weights["onet"])
+    offsets, points, probability = mtcnn_detector.onet(pattern(48, 48), detector.weights["onet"])
     np.testing.assert_allclose(offsets[0], [0.03214, -0.08996, 0.02488, 0.15228], atol=2e-5)
     np.testing.assert_allclose(points[0], [0.32132, 0.66048, 0.26469, 0.08448, 0.36452,
                                            0.21649, 0.35099, 0.57701, 0.74539, 0.86882], atol=2e-5)
@@ -58,14 +58,14 @@ def test_keras_same_pooling_pads_the_odd_column_after():
     # 3-wide windows 2 apart give ceil(n / 2) outputs: over 22 columns one padded column after
     # the last, over 21 one on each side.
     for width, expected in ((22, [*range(2, 21, 2), 21]), (21, [*range(1, 20, 2), 20])):
-        pooled = face_detector._max_pool_same(torch.arange(float(width)).reshape(1, 1, 1, width), 3, 2)
+        pooled = mtcnn_detector._max_pool_same(torch.arange(float(width)).reshape(1, 1, 1, width), 3, 2)
         np.testing.assert_array_equal(pooled[0, 0, 0], expected)
 
 
 def test_onet_boxes_become_square_detector_boxes():
     boxes = mtcnn_to_detector_boxes(np.array([[10.0, 20.0, 110.0, 140.0]]))
-    side = face_detector.MTCNN_TO_DETECTOR_SCALE * 110
-    centre = np.array([60.0, 80.0 + face_detector.MTCNN_TO_DETECTOR_SHIFT * 110])
+    side = mtcnn_detector.MTCNN_TO_DETECTOR_SCALE * 110
+    centre = np.array([60.0, 80.0 + mtcnn_detector.MTCNN_TO_DETECTOR_SHIFT * 110])
     np.testing.assert_allclose(boxes[0], [*(centre - side / 2), *(centre + side / 2)])
     assert mtcnn_to_detector_boxes(np.zeros((0, 4))).shape == (0, 4)
 
@@ -137,6 +137,6 @@ def test_bad_inputs_are_refused(detector, monkeypatch):
         MtcnnFaceDetector(scale_factor=1.0)
     with pytest.raises(ValueError, match="no such MTCNN weight file"):
         MtcnnFaceDetector(weight_folder=Path("/nonexistent"))
-    monkeypatch.setattr(face_detector.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(mtcnn_detector.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ValueError, match=r"pip install mtcnn==1\.0\.0"):
         MtcnnFaceDetector()

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.io
 
-from pipeline.config import load_config
+from pipeline.runtime.config import load_config
 from preprocessing.augment import AugmentConfig
 from preprocessing.dataflow import PreprocessConfig
 from preprocessing.ray_preprocess import OutputExistsError, run_preprocess

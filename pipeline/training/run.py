@@ -2,7 +2,7 @@
 
 Before anything starts, the shard files are checked against the manifest's counts (footers
 only). A run name is used once; ``resume`` continues an unfinished run of that name with the same
-config, in the same MLflow run (:mod:`pipeline.resume`); a run left RUNNING by a driver killed
+config, in the same MLflow run (:mod:`pipeline.training.resume`); a run left RUNNING by a driver killed
 hard is marked KILLED first. Ctrl-C ends the MLflow run as KILLED and raises
 :class:`TrainingInterrupted` with the checkpoint the run can resume from. After training,
 the best checkpoint (by validation NME) is written to RUN_DIR/models/NAME.pt and logged to
@@ -21,13 +21,12 @@ import yaml
 from ray.train.torch import TorchTrainer
 
 from models.checkpoint import load_bundle
-from pipeline.cluster_storage import check_shared, training_folders
-from pipeline.config import to_plain
-from pipeline.console import sigint_seen
-from pipeline.registration import evaluate_and_register
-from pipeline.resume import last_saved, run_to_continue
-from pipeline.shard_data import check_shards
-from pipeline.tracking import (
+from pipeline.data.shard_reader import check_shards
+from pipeline.registration.gate import evaluate_and_register
+from pipeline.runtime.cluster_storage import check_shared, training_folders
+from pipeline.runtime.config import to_plain
+from pipeline.runtime.console import sigint_seen
+from pipeline.runtime.tracking import (
     TrackingTarget,
     active_run,
     close_stale_runs,
@@ -39,8 +38,9 @@ from pipeline.tracking import (
     log_served_model,
     open_store,
 )
-from pipeline.train_config import TrainConfig
-from pipeline.trainer import best_model_file, make_trainer
+from pipeline.training.config import TrainConfig
+from pipeline.training.resume import last_saved, run_to_continue
+from pipeline.training.trainer import best_model_file, make_trainer
 from preprocessing.manifest import Manifest, read_manifest
 
 LOG = logging.getLogger("frnet.train")

@@ -2,7 +2,7 @@
 
 The same dotted keys are what Tune search spaces name (``loss.lambda1``, ``optim.lr``, ...).
 Every number declares its range and every name its rule in the annotation
-(:class:`pipeline.config.Range`, :data:`pipeline.config.NAME`); loading enforces them.
+(:class:`pipeline.runtime.config.Range`, :data:`pipeline.runtime.config.NAME`); loading enforces them.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
+from models.architectures import ARCHITECTURES
 from models.losses import NUM_RESAMPLED, WING_EPSILON, WING_OMEGA
-from models.registry import ARCHITECTURES
-from pipeline.config import AT_LEAST_1, NAME, NON_NEGATIVE, POSITIVE, SEED_RANGE, Range
+from pipeline.runtime.config import AT_LEAST_1, NAME, NON_NEGATIVE, POSITIVE, SEED_RANGE, Range
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,11 @@
 """The Ray Train worker loop: Mobile-FRNet on the shards, one epoch of training and one of
 validation at a time, rank 0 reporting each epoch with a checkpoint.
 
-The worker rebuilds its :class:`~pipeline.train_config.TrainConfig` and
+The worker rebuilds its :class:`~pipeline.training.config.TrainConfig` and
 :class:`WorkerInputs` from the plain data of ``train_loop_config``; the pieces it puts together
 (networks, losses, the morphable model, whitening, the frame) live in ``models``. Workers read
 no file by path but the shards, and log nowhere: each report carries the worker's node id, and
-the driver's side (:class:`pipeline.trainer.EpochLogger`) writes the epochs to MLflow.
+the driver's side (:class:`pipeline.training.trainer.EpochLogger`) writes the epochs to MLflow.
 """
 
 from __future__ import annotations
@@ -27,16 +27,16 @@ import ray.train.torch
 import torch
 from torch import nn
 
+from models.architectures import build_model
 from models.checkpoint import ModelBundle, bundle_from_dict, save_bundle
 from models.frame import nme_torch, normalise_input, param_frame_to_crop_torch
 from models.losses import FRNetLoss, dewhiten
 from models.morphable import MorphableModel
 from models.params import ParamStats
-from models.registry import build_model
-from pipeline.common import duration
-from pipeline.config import from_dict
-from pipeline.console import is_verbose, quiet_libraries
-from pipeline.train_config import OptimConfig, TrainConfig
+from pipeline.runtime.config import from_dict
+from pipeline.runtime.console import is_verbose, quiet_libraries
+from pipeline.runtime.stage_tools import duration
+from pipeline.training.config import OptimConfig, TrainConfig
 
 LOG = logging.getLogger("frnet.train")
 CHECKPOINT_FILE = "model.pt"

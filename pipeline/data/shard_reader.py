@@ -17,8 +17,8 @@ import ray.exceptions
 from ray.data import FileShuffleConfig
 
 from models.frame import CROP_SIZE
-from pipeline.console import causes
-from pipeline.train_config import DataConfig
+from pipeline.runtime.console import causes
+from pipeline.training.config import DataConfig
 from preprocessing.benchmark_sets import FaceBatch
 from preprocessing.datasets import resolve
 from preprocessing.manifest import MANIFEST_FILE, SPLITS, Manifest

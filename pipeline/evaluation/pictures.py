@@ -10,9 +10,9 @@ import cv2
 import numpy as np
 import pyarrow.fs as pafs
 
-from models.evaluation import YAW_BIN_LABELS
 from models.frame import crop_image, image_to_crop
-from pipeline.scoring import FacePredictions
+from models.metrics import YAW_BIN_LABELS
+from pipeline.evaluation.scoring import FacePredictions
 from preprocessing.datasets import SampleRef, read_image
 from preprocessing.overlay import LANDMARK_BGR, TRUTH_BGR, caption, draw_landmarks, enlarge, legend, tile
 

@@ -33,7 +33,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from models import served
 from models.checkpoint import ModelBundle, bundle_to_dict, load_bundle
 from models.face_models import load_face_model
-from pipeline.config import ConfigError
+from pipeline.runtime.config import ConfigError
 from preprocessing.synth import example_crop
 
 LOG = logging.getLogger("frnet.tracking")

@@ -14,9 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from models.face_models import map_paths
-from pipeline.config import ConfigError
+from pipeline.runtime.config import ConfigError
 
-CHECKOUT = Path(__file__).resolve().parents[1]
+CHECKOUT = Path(__file__).resolve().parents[2]
 # For every stage's --help.
 RULE = (f"Relative input paths (config files, data folders, paths inside configs) are looked up in "
         f"the current folder, then in the project checkout ({CHECKOUT}); outputs go to the current folder.")

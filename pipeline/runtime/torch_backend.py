@@ -2,7 +2,7 @@
 
 torch.distributed's TCP rendezvous store (served by rank 0) listens on every interface whatever
 address it is given, so on a local Ray, where everything else listens on 127.0.0.1 (see
-:mod:`pipeline.ray_runtime`), it would be the one port open to the network. When rank 0's
+:mod:`pipeline.runtime.ray_session`), it would be the one port open to the network. When rank 0's
 address is a loopback one, every worker is on this machine: rank 0 then serves the store from a
 socket it binds to that address itself, and the process group is built on that store. Anywhere
 else (a cluster of several machines) Ray Train's own set-up runs unchanged.
@@ -17,9 +17,11 @@ from typing import Any
 
 import ray
 import torch.distributed as dist
-from ray.train._internal.worker_group import WorkerGroup as V1WorkerGroup
 from ray.train.torch import TorchConfig
-from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
+
+from pipeline.runtime.ray_internals import torch_backend_parts
+
+_TorchBackend, _set_torch_distributed_env_vars, V1WorkerGroup = torch_backend_parts()
 
 # Rank 0's listening socket, kept from binding (one call) to serving the store (the next).
 _LISTENING: dict[str, socket.socket] = {}

@@ -21,7 +21,7 @@ three photos, min_face_size 20) to 0.001 pixel; the three networks alone agree t
 The O-Net box is not the FaceBoxes box that 3DDFA_V2's crop rule (``detector_crop_box`` in
 :mod:`models.frame`) was designed for: it is tall, brows to chin, and sits high. The box wanted is
 the one whose 3DDFA_V2 crop equals the benchmark ROI of the ground-truth landmarks (as for
-:mod:`preprocessing.detection`). Measured with the defaults below, as wanted side / mean O-Net side
+:mod:`preprocessing.haar_detector`). Measured with the defaults below, as wanted side / mean O-Net side
 (``(w + h) / 2``) and wanted centre below the O-Net centre in O-Net sides: AFLW2000-3D image00427
 (yaw 7 deg) and 300W-LP IBUG_image_008_1_0 (yaw -44 deg), each at 0.5, 0.75, 1 and 1.5 times its
 size: 0.858 +- 0.024 and 0.802 +- 0.017, down 0.005 and 0.067 (with scale_factor 0.8: 0.845 and

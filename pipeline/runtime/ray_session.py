@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray._private import ray_constants
+
+from pipeline.runtime.ray_internals import clusters_switched_off
 
 LOG = logging.getLogger("frnet.ray")
 ADDRESS_VARIABLE = "RAY_ADDRESS"
@@ -48,7 +49,7 @@ def start_ray(num_cpus: int | None = None, dashboard: bool = True, **kwargs: Any
     """
     if ray.is_initialized():
         return
-    from pipeline.console import worker_environment
+    from pipeline.runtime.console import worker_environment
 
     environment = worker_environment()  # the console's choice, for the job's workers
     cluster = cluster_to_join()
@@ -83,16 +84,12 @@ def init_on_loopback(**kwargs: Any) -> None:
     (``_node_ip_address="127.0.0.1"``) by the machine's outward one
     (``ray._private.services.resolve_ip_for_localhost``) unless clusters are switched off, as they
     are on macOS and Windows: ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read once when ray is
-    imported (``ray_constants.ENABLE_RAY_CLUSTER``). So the switch is turned off for the start
-    only: the processes Ray starts are handed the address, and a later join of a real cluster
-    from this process finds its own outward address again.
+    imported (:func:`pipeline.runtime.ray_internals.clusters_switched_off`). So the switch is
+    turned off for the start only: the processes Ray starts are handed the address, and a later
+    join of a real cluster from this process finds its own outward address again.
     """
-    clusters = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
+    with clusters_switched_off():
         ray.init(address="local", **kwargs)
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = clusters
     node_address = ray.util.get_node_ip_address()
     if node_address != LOOPBACK:
         ray.shutdown()

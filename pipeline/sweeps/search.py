@@ -17,7 +17,7 @@ import ray.tune
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchAlgorithm, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from pipeline.tune_config import Dimension, SearchSpace, SweepConfig
+from pipeline.sweeps.config import Dimension, SearchSpace, SweepConfig
 
 # What a trial asks of Tune itself: it only waits on its Train run, whose workers hold the
 # resources; Tune refuses an empty request, so a token share of a CPU.
@@ -63,7 +63,7 @@ class Concurrency:
 
 
 def worker_request(sweep: SweepConfig) -> dict[str, float]:
-    """What one worker of a trial asks Ray for (as ``pipeline.trainer`` asks it)."""
+    """What one worker of a trial asks Ray for (as ``pipeline.training.trainer`` asks it)."""
     request = {**sweep.trial.resources_per_worker, "CPU": sweep.trial.cpus_per_worker}
     if sweep.trial.gpus_per_worker > 0:
         request["GPU"] = sweep.trial.gpus_per_worker

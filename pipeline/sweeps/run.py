@@ -2,10 +2,10 @@
 trial is a full Ray Train run, tracked in MLflow as one parent run with a nested run per trial.
 
 A searcher (random, or Optuna's TPE) picks each trial's values, as many trials run at once as
-the cluster holds (:mod:`pipeline.sweep_search`), and ASHA stops weak trials on their validation
+the cluster holds (:mod:`pipeline.sweeps.search`), and ASHA stops weak trials on their validation
 NME; afterwards the sweep's table and plots go to the parent run, and the best trial's best
 checkpoint is evaluated on the AFLW2000-3D shards, registered, and made ``champion`` only if it
-beats the current one. The sweep's own files live in its storage (:mod:`pipeline.sweep_state`).
+beats the current one. The sweep's own files live in its storage (:mod:`pipeline.sweeps.state`).
 """
 
 from __future__ import annotations
@@ -26,29 +26,13 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import FIFOScheduler
 
 from models.checkpoint import load_bundle
-from pipeline.cluster_storage import check_shared, storage_location, training_folders
-from pipeline.config import ConfigError, from_dict, to_plain, with_overrides
-from pipeline.console import is_verbose
-from pipeline.paths import input_location
-from pipeline.registration import evaluate_and_register
-from pipeline.shard_data import check_shards
-from pipeline.sweep_report import COMPLETED, FAILED, STOPPED, TrialRow, plot_against_keys, plot_curves, ranked
-from pipeline.sweep_report import write_table as write_results_table
-from pipeline.sweep_search import (
-    TRIAL_DRIVER_CPU,
-    cluster_nodes,
-    plan_concurrency,
-    search_algorithm,
-    search_domain,
-)
-from pipeline.sweep_state import (
-    ASHA_RUNGS,
-    ResumableASHA,
-    read_text,
-    store_sweep_files,
-    sweep_file_location,
-)
-from pipeline.tracking import (
+from pipeline.data.shard_reader import check_shards
+from pipeline.registration.gate import evaluate_and_register
+from pipeline.runtime.cluster_storage import check_shared, storage_location, training_folders
+from pipeline.runtime.config import ConfigError, from_dict, to_plain, with_overrides
+from pipeline.runtime.console import is_verbose
+from pipeline.runtime.paths import input_location
+from pipeline.runtime.tracking import (
     TrackingTarget,
     active_run,
     close_run,
@@ -67,9 +51,7 @@ from pipeline.tracking import (
     set_tags,
     use_store,
 )
-from pipeline.train_config import TrainConfig
-from pipeline.trainer import copy_model_file, make_trainer
-from pipeline.tune_config import (
+from pipeline.sweeps.config import (
     Dimension,
     SearchSpace,
     SweepConfig,
@@ -77,6 +59,32 @@ from pipeline.tune_config import (
     load_space,
     load_sweep_config,
 )
+from pipeline.sweeps.report import (
+    COMPLETED,
+    FAILED,
+    STOPPED,
+    TrialRow,
+    plot_against_keys,
+    plot_curves,
+    ranked,
+)
+from pipeline.sweeps.report import write_table as write_results_table
+from pipeline.sweeps.search import (
+    TRIAL_DRIVER_CPU,
+    cluster_nodes,
+    plan_concurrency,
+    search_algorithm,
+    search_domain,
+)
+from pipeline.sweeps.state import (
+    ASHA_RUNGS,
+    ResumableASHA,
+    read_text,
+    store_sweep_files,
+    sweep_file_location,
+)
+from pipeline.training.config import TrainConfig
+from pipeline.training.trainer import copy_model_file, make_trainer
 from preprocessing.datasets import resolve
 from preprocessing.manifest import read_manifest
 

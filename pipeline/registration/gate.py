@@ -12,8 +12,8 @@ from typing import Any
 import mlflow
 
 from models.checkpoint import ModelBundle
-from pipeline.scoring import EvaluationSet, score_shards_on_set
-from pipeline.tracking import CHAMPION, RANKING_TAG, log_dict, log_metrics
+from pipeline.evaluation.scoring import EvaluationSet, score_shards_on_set
+from pipeline.runtime.tracking import CHAMPION, RANKING_TAG, log_dict, log_metrics
 from preprocessing.manifest import Manifest
 
 LOG = logging.getLogger("frnet.registration")

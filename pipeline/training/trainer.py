@@ -17,13 +17,19 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from models.face_models import load_face_model
-from pipeline.cluster_storage import storage_location
-from pipeline.console import is_verbose
-from pipeline.shard_data import crops_per_source, shard_datasets
-from pipeline.torch_backend import LoopbackTorchConfig
-from pipeline.tracking import TrackingTarget, log_epoch_metrics, tag_run
-from pipeline.train_config import DataConfig, TrainConfig
-from pipeline.worker import CHECKPOINT_FILE, NODE_ID_KEY, WorkerInputs, loop_config, train_loop_per_worker
+from pipeline.data.shard_reader import crops_per_source, shard_datasets
+from pipeline.runtime.cluster_storage import storage_location
+from pipeline.runtime.console import is_verbose
+from pipeline.runtime.torch_backend import LoopbackTorchConfig
+from pipeline.runtime.tracking import TrackingTarget, log_epoch_metrics, tag_run
+from pipeline.training.config import DataConfig, TrainConfig
+from pipeline.training.worker import (
+    CHECKPOINT_FILE,
+    NODE_ID_KEY,
+    WorkerInputs,
+    loop_config,
+    train_loop_per_worker,
+)
 from preprocessing.manifest import Manifest
 
 LOG = logging.getLogger("frnet.train")

@@ -12,9 +12,9 @@ from typing import Any
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """The project's log lines on the console, and the libraries' as :mod:`pipeline.console`
+    """The project's log lines on the console, and the libraries' as :mod:`pipeline.runtime.console`
     sets them (``verbose``: all of them)."""
-    from pipeline.console import setup_console
+    from pipeline.runtime.console import setup_console
 
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -42,7 +42,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def stage_parser(prog: str, doc: str | None, inputs_rule: bool = False) -> argparse.ArgumentParser:
     """A stage's argument parser: its docstring's first paragraph, defaults shown, the exit
     statuses (and, for stages that read input paths, where relative ones are looked up)."""
-    from pipeline.paths import RULE
+    from pipeline.runtime.paths import RULE
 
     epilog = f"{RULE}\n\n{EXIT_STATUS}" if inputs_rule else EXIT_STATUS
     parser = argparse.ArgumentParser(prog=prog, description=(doc or "").split("\n\n")[0], epilog=epilog,
@@ -55,7 +55,7 @@ def stage_parser(prog: str, doc: str | None, inputs_rule: bool = False) -> argpa
 def add_arch_arguments(parser: argparse.ArgumentParser, from_file: bool = False) -> None:
     """``--arch`` (a registered network) and ``--width`` (its width multiplier). With
     ``from_file`` both may come from a model file instead (:func:`resolve_arch`)."""
-    from models.registry import ARCHITECTURES
+    from models.architectures import ARCHITECTURES
 
     recorded = " (default: what the --checkpoint model file records; a flag must agree with it)"
     parser.add_argument("--arch", required=not from_file, choices=list(ARCHITECTURES),
@@ -70,7 +70,7 @@ def resolve_arch(arch: str | None, width: float | None, checkpoint: Path | None)
     (default 1.0). Raises ConfigError on a missing or disagreeing flag, ValueError on an unreadable
     file."""
     from models.checkpoint import recorded_arch
-    from pipeline.config import ConfigError
+    from pipeline.runtime.config import ConfigError
 
     recorded = recorded_arch(checkpoint) if checkpoint is not None else None
     if recorded is None:

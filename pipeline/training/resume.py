@@ -15,14 +15,14 @@ from typing import Any
 
 import pyarrow.fs as pafs
 import ray.train
-from ray.train.v2._internal.exceptions import RayTrainError  # where Ray 2.60 keeps Train's errors' base
+from ray.train.v2.api.exceptions import RayTrainError
 
 from models.checkpoint import load_bundle
-from pipeline.cluster_storage import storage_location
-from pipeline.config import ConfigError, to_plain
-from pipeline.tracking import current_store, find_run_by_name
-from pipeline.train_config import TrainConfig
-from pipeline.worker import CHECKPOINT_FILE
+from pipeline.runtime.cluster_storage import storage_location
+from pipeline.runtime.config import ConfigError, to_plain
+from pipeline.runtime.tracking import current_store, find_run_by_name
+from pipeline.training.config import TrainConfig
+from pipeline.training.worker import CHECKPOINT_FILE
 from preprocessing.datasets import resolve
 
 CHECKPOINT_PREFIX = "checkpoint_"

@@ -1,7 +1,7 @@
 """Sweep configuration: ``configs/tune.yaml`` (resources, the base training config) and a
 search space file ``tune_spaces/NAME.yaml`` (distributions, scheduler, searcher).
 
-Search-space keys are the dotted keys of :class:`pipeline.train_config.TrainConfig`
+Search-space keys are the dotted keys of :class:`pipeline.training.config.TrainConfig`
 (``loss.lambda1``, ``optim.lr``, ...); every bound and value is checked by building a
 ``TrainConfig`` with it, so a space cannot name a key or a value that training would refuse:
 the same types, ranges (NaN and inf never) and name rules as a training config file. A
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pipeline.config import (
+from pipeline.runtime.config import (
     ConfigError,
     Name,
     Range,
@@ -26,7 +26,7 @@ from pipeline.config import (
     read_yaml_mapping,
     with_overrides,
 )
-from pipeline.train_config import (
+from pipeline.training.config import (
     AT_LEAST_1,
     NON_NEGATIVE,
     POSITIVE,

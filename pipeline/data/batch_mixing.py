@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.shard_data import crops_per_source, split_dataset
-from pipeline.train_config import DataConfig
+from pipeline.data.shard_reader import crops_per_source, split_dataset
+from pipeline.training.config import DataConfig
 from preprocessing.manifest import Manifest
 
 MIXING_COLUMNS = ["subject_id", "subset"]

@@ -5,7 +5,7 @@
 
 The faces come from the AFLW2000-3D image folder (``frnet evaluate``), from the evaluation
 shards (training's evaluation gate, the sweep's, the ablation benchmark) or from AFLW's crops;
-all are scored by :func:`predict_faces` and tabulated by :func:`models.evaluation.aflw2000_report`.
+all are scored by :func:`predict_faces` and tabulated by :func:`models.metrics.aflw2000_report`.
 
 Each AFLW2000-3D evaluation also names what it was measured on (:class:`EvaluationSet`): two
 NMEs are comparable only when their sets agree (docs/evaluation.md, "The champion").
@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import pyarrow.fs as pafs
 
-from models.evaluation import MISSING_POINT, aflw2000_report, nme_21, reconstruction_nme
 from models.frame import nme, param_frame_to_image
+from models.metrics import MISSING_POINT, aflw2000_report, nme_21, reconstruction_nme
 from models.predictor import FacePredictor
-from pipeline.shard_data import evaluation_batches, evaluation_count
+from pipeline.data.shard_reader import evaluation_batches, evaluation_count
 from preprocessing.benchmark_sets import (
     AFLW2000_ARRAYS,
     Aflw2000Protocol,
@@ -168,7 +168,7 @@ def predict_faces(predictor: FacePredictor, batches: Iterable[FaceBatch], total:
 
 def landmark_report(predictions: FacePredictions, truth: np.ndarray | None = None,
                     yaw_deg: np.ndarray | None = None) -> dict[str, Any]:
-    """The 68-point NME table (see :func:`models.evaluation.aflw2000_report`) against the
+    """The 68-point NME table (see :func:`models.metrics.aflw2000_report`) against the
     predictions' own ground truth, or ``truth`` (N, 2+, 68), binned by their yaw or ``yaw_deg``."""
     truth = predictions.truth if truth is None else truth
     yaw_deg = predictions.yaw_deg if yaw_deg is None else yaw_deg

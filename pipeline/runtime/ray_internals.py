@@ -1,0 +1,65 @@
+"""The private parts of Ray the project reaches, each behind one function here.
+
+Ray has no public way to do these three things, so each is reached through a private name that a
+Ray release may move or change without notice. Every accessor first checks that the running Ray
+is the one these were read from (:data:`TESTED_RAY`) and fails loudly on any other, naming what
+to re-check, rather than let an upgrade change behaviour silently.
+
+- :func:`clusters_switched_off`: a local Ray that listens on loopback only. Ray 2.60 replaces a
+  loopback node address by the machine's outward one on Linux unless clusters are switched off
+  (``ray._private.ray_constants.ENABLE_RAY_CLUSTER``, read once at import); there is no
+  ``ray.init`` argument for it.
+- :func:`torch_backend_parts`: Ray Train's torch set-up, to serve the rendezvous store from a
+  socket bound to loopback. ``TorchConfig.backend_cls`` is public, but the backend it returns,
+  the helper that sets torch's environment variables and the older worker group class are not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import ray
+
+# The Ray release whose private names below were read and tested (pyproject pins it).
+TESTED_RAY = "2.60.0"
+
+
+class UntestedRayError(RuntimeError):
+    """The running Ray is not the release the project's private uses were tested with."""
+
+
+def require_tested_ray(what: str, version: str | None = None) -> None:
+    """Raise :class:`UntestedRayError` unless Ray is :data:`TESTED_RAY` (``version``: the one to
+    check, default the running Ray's)."""
+    version = ray.__version__ if version is None else version
+    if version != TESTED_RAY:
+        raise UntestedRayError(
+            f"{what} uses a private part of Ray read from Ray {TESTED_RAY}, but Ray {version} is "
+            f"installed: install ray=={TESTED_RAY} (as pyproject.toml pins), or re-check "
+            "pipeline/runtime/ray_internals.py against the new release and raise TESTED_RAY")
+
+
+@contextlib.contextmanager
+def clusters_switched_off() -> Iterator[None]:
+    """Ray's cluster switch off for the duration (see the module's docstring), then restored."""
+    require_tested_ray("a local Ray on loopback")
+    from ray._private import ray_constants
+
+    clusters = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = clusters
+
+
+def torch_backend_parts() -> tuple[type, Any, type]:
+    """Ray Train's torch backend class, its function that sets torch.distributed's environment
+    variables on each worker, and the older worker group class (which sets them itself)."""
+    require_tested_ray("the rendezvous store on loopback")
+    from ray.train._internal.worker_group import WorkerGroup as V1WorkerGroup
+    from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
+
+    return _TorchBackend, _set_torch_distributed_env_vars, V1WorkerGroup
