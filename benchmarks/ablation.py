@@ -179,7 +179,7 @@ def steady_rate(rates: list[float]) -> float:
 def train_arch(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
     """Train one arch; its figures plus wall time and the training samples/s of each epoch."""
     started = time.perf_counter()
-    figures = train(config, run_dir)
+    figures = train(config, run_dir).to_json()
     wall = time.perf_counter() - started
     rates = metric_history(TrackingTarget(figures["tracking_uri"], figures["run_id"]), "samples_per_second")
     figures.update(wall_seconds=wall, samples_per_second=rates,

@@ -71,7 +71,7 @@ def ab_run(images: int, epochs: int, seeds: list[int]) -> list[dict]:
                     data=DataConfig(shards=shards, batch_size=32, **overrides),
                     scaling=ScalingConfig(num_workers=2),
                     run=RunConfig(name=f"ab-{arm}-{seed}", max_failures=0))
-                figures = train(config, root / "runs")
+                figures = train(config, root / "runs").to_json()
                 rows.append({"arm": arm, "seed": seed, "val_nme": figures["best"]["val_nme"],
                              "faces_per_batch": mixing.faces_per_batch, "ideal_faces": mixing.ideal_faces,
                              "train_rows": manifest.counts["rows"]["train"]})

@@ -116,7 +116,7 @@ def main() -> int:
         sampler = threading.Thread(target=sample_gpu, args=(stop, samples), daemon=True)
         sampler.start()
         started = time.perf_counter()
-        figures = train(config, root / "run")
+        figures = train(config, root / "run").to_json()
         seconds = time.perf_counter() - started
         stop.set()
         sampler.join()

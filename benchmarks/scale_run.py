@@ -134,7 +134,7 @@ def child(out: Path, stage: str, root: Path, steps: int) -> None:
                              scaling=ScalingConfig(num_workers=2),
                              run=RunConfig(name="scale", max_failures=0))
         result = train(config, root / "run")
-        best = result["best"]
+        best = result.best
         figures = {"val_nme": best["val_nme"], "samples_per_second": best["samples_per_second"]}
     stop.set()
     sampler.join()

@@ -84,7 +84,7 @@ def ray_train(shards: Path, run_dir: Path, epochs: int, cache_decoded: bool) -> 
                                                         cache_decoded=cache_decoded),
                          scaling=ScalingConfig(num_workers=1, cpus_per_worker=0.4),
                          run=RunConfig(name=f"speed-cache-{cache_decoded}", max_failures=0))
-    figures = train(config, run_dir)
+    figures = train(config, run_dir).to_json()
     import mlflow
 
     history = mlflow.MlflowClient(figures["tracking_uri"]).get_metric_history(figures["run_id"],

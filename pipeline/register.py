@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         set_tags({"registered_from": "checkpoint"})
         model_uri = log_served_model(bundle)
         figures = {"run_id": run.run_id, "tracking_uri": run.tracking_uri, "model_uri": model_uri,
-                   **register_scored(*(scored or (None, None)), args.name, model_uri, run.run_id)}
+                   **register_scored(*(scored or (None, None)), args.name, model_uri, run.run_id).to_json()}
     state = "now the champion" if figures["champion"] else (
         "registered; the champion stays" if scored is not None else "registered unscored; the champion stays")
     if scored is not None:

@@ -21,13 +21,14 @@ from pathlib import Path
 import ray
 
 from pipeline.data.shard_reader import ShardError, shard_read_failure
+from pipeline.registration.gate import registration_scope, yaw_cells
 from pipeline.runtime.config import ConfigError, load_config, with_overrides
 from pipeline.runtime.console import run_main
 from pipeline.runtime.paths import input_location, input_path
 from pipeline.runtime.ray_session import RayStartError, start_ray
 from pipeline.runtime.stage_tools import setup_logging, stage_parser, write_json
 from pipeline.training.config import TrainConfig
-from pipeline.training.run import TrainingInterrupted, train
+from pipeline.training.run import TrainingInterrupted, TrainingResult, train
 
 LOG = logging.getLogger("frnet.train")
 # The shell's status for a command stopped by Ctrl-C (128 + SIGINT).
@@ -87,6 +88,21 @@ def interrupted(stop: TrainingInterrupted, argv: list[str], run_dir: Path) -> st
             f"KILLED\nresume with: {resume_command(argv, stop.name, run_dir)}")
 
 
+def print_summary(result: TrainingResult) -> None:
+    """The run's closing lines: best epoch, files, and the registration's table (its champion line
+    was logged when it was decided)."""
+    best = result.best
+    print(f"\nbest epoch {best['epoch']}: validation NME {100 * best['val_nme']:.3f}%"
+          f"{' (synthetic data)' if result.synthetic_data else ''}")
+    print(f"model file: {result.model_file}\nMLflow run {result.run_id} in {result.tracking_uri}")
+    registration = result.registration
+    if registration is not None and registration.aflw2000 is not None:
+        print(f"AFLW2000-3D NME by |yaw| bin (%), {registration_scope(registration)}:  "
+              f"{yaw_cells(registration.aflw2000)}")
+        state = "now the champion" if registration.champion else "registered; the champion stays"
+        print(f"model {registration.registered_model} version {registration.model_version}: {state}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -111,7 +127,7 @@ def train_command(args: argparse.Namespace) -> int:
         return 2
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
-        figures = train(config, args.run_dir, resume=args.resume)
+        result = train(config, args.run_dir, resume=args.resume)
     except ConfigError as err:  # a run name in use, or a run that cannot be resumed
         LOG.error("%s", err)
         return 2
@@ -128,21 +144,8 @@ def train_command(args: argparse.Namespace) -> int:
             LOG.error("%s", err)
             return 1
         raise
-    best = figures["best"]
-    print(f"\nbest epoch {best['epoch']}: validation NME {100 * best['val_nme']:.3f}%"
-          f"{' (synthetic data)' if figures['synthetic_data'] else ''}")
-    print(f"model file: {figures['model_file']}\nMLflow run {figures['run_id']} in {figures['tracking_uri']}")
-    if "aflw2000" in figures:
-        report = figures["aflw2000"]
-        cells = [f"{b['range']}: " + ("-" if b["mean"] is None else f"{100 * b['mean']:.2f}")
-                 + f" ({b['count']})" for b in report["bins"]]
-        print(f"AFLW2000-3D NME by |yaw| bin (%):  {'  '.join(cells)}  "
-              f"mean {100 * report['nme_mean_of_bins']:.2f}")
-        state = "now the champion" if figures["champion"] else "registered; the champion stays"
-        print(f"model {figures['registered_model']} version {figures['model_version']}: {state}")
-        if figures.get("champion_reason"):
-            print(figures["champion_reason"])
-    write_json(args.json, figures)
+    print_summary(result)
+    write_json(args.json, result.to_json())
     return 0
 
 

@@ -20,13 +20,14 @@ from typing import Any
 
 import ray
 
+from pipeline.registration.gate import registration_scope
 from pipeline.runtime.config import ConfigError
 from pipeline.runtime.console import run_main
 from pipeline.runtime.paths import input_location, input_path
 from pipeline.runtime.ray_session import RayStartError, start_ray
 from pipeline.runtime.stage_tools import setup_logging, stage_parser, write_json
 from pipeline.sweeps.config import load_sweep_config
-from pipeline.sweeps.run import SweepInterrupted, SweepRequest, tune_sweep
+from pipeline.sweeps.run import SweepInterrupted, SweepRequest, SweepResult, run_sweep
 
 LOG = logging.getLogger("frnet.tune")
 
@@ -55,24 +56,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def print_summary(figures: dict[str, Any]) -> None:
-    print(f"\nsweep {figures['sweep']}: {len(figures['trials'])} trials "
-          f"(MLflow parent run {figures['parent_run_id']} in {figures['tracking_uri']})")
-    for trial in figures["trials"]:
-        best = trial["best"]
+def print_summary(result: SweepResult) -> None:
+    """The sweep's closing table, its best model and its registration (whose champion line was
+    logged when it was decided)."""
+    print(f"\nsweep {result.sweep}: {len(result.trials)} trials "
+          f"(MLflow parent run {result.parent_run_id} in {result.tracking_uri})")
+    for trial in result.trials:
+        best = trial.best
         nme = f"{100 * best[1]:.3f}% at epoch {best[0]}" if best else "-"
-        values = ", ".join(f"{k}={_short(v)}" for k, v in trial["searched"].items())
-        print(f"  {trial['trial_id']}  {trial['state']:<13}  val NME {nme:<22}  {values}")
-    print(f"best trial {figures['best_trial']}; model file {figures['model_file']}"
-          f"{' (synthetic data)' if figures['synthetic_data'] else ''}")
-    if "aflw2000" in figures:
-        state = "now the champion" if figures["champion"] else "registered; the champion stays"
-        print(f"AFLW2000-3D NME {100 * figures['aflw2000']['nme_mean_of_bins']:.2f}% (mean of yaw bins); "
-              f"model {figures['registered_model']} version {figures['model_version']}: {state}")
-        if figures.get("champion_reason"):
-            print(figures["champion_reason"])
-    print(f"table and plots: {figures['sweep_dir']}")
-    print(f"train the best trial's config longer: frnet train --config {figures['best_config']}")
+        values = ", ".join(f"{k}={_short(v)}" for k, v in trial.searched.items())
+        print(f"  {trial.trial_id}  {trial.state:<13}  val NME {nme:<22}  {values}")
+    print(f"best trial {result.best_trial}; model file {result.best_model.model_file}"
+          f"{' (synthetic data)' if result.synthetic_data else ''}")
+    registration = result.best_model.registration
+    if registration is not None and registration.aflw2000 is not None:
+        state = "now the champion" if registration.champion else "registered; the champion stays"
+        print(f"AFLW2000-3D NME {100 * registration.aflw2000['nme_mean_of_bins']:.2f}% (mean of yaw bins; "
+              f"{registration_scope(registration)}); model {registration.registered_model} version "
+              f"{registration.model_version}: {state}")
+    print(f"table and plots: {result.sweep_dir}")
+    print(f"train the best trial's config longer: frnet train --config {result.best_config}")
 
 
 def _short(value: Any) -> str:
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
-        figures = tune_sweep(request)
+        result = run_sweep(request)
     except SweepInterrupted as err:
         LOG.warning("%s", err)
         return 130
@@ -113,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         LOG.error("%s", err)
         return 1
-    print_summary(figures)
-    write_json(args.json, figures)
+    print_summary(result)
+    write_json(args.json, result.to_json())
     return 0
 
 

@@ -34,6 +34,45 @@ class Scored:
         return cls(version, None if nme is None else float(nme), EvaluationSet.from_tags(tags))
 
 
+@dataclass(frozen=True)
+class Registration:
+    """A registered version: its number, whether it is now ``champion`` and the line saying why,
+    and, for a scored version, its AFLW2000-3D report and the set it was measured on."""
+
+    registered_model: str
+    model_version: str
+    champion: bool
+    champion_reason: str
+    aflw2000: dict[str, Any] | None = None
+    evaluation_set: EvaluationSet | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        figures: dict[str, Any] = {"registered_model": self.registered_model,
+                                   "model_version": self.model_version, "champion": self.champion,
+                                   "champion_reason": self.champion_reason}
+        if self.aflw2000 is not None and self.evaluation_set is not None:
+            figures.update(aflw2000=self.aflw2000, evaluation_set=self.evaluation_set.to_dict())
+        return figures
+
+
+def yaw_cells(report: dict[str, Any]) -> str:
+    """An AFLW2000-3D report's NME by |yaw| bin (percent, count in brackets) and their mean, one line."""
+    cells = [f"{b['range']}: " + ("-" if b["mean"] is None else f"{100 * b['mean']:.2f}") + f" ({b['count']})"
+             for b in report["bins"]]
+    return f"{'  '.join(cells)}  mean {100 * report['nme_mean_of_bins']:.2f}"
+
+
+def registration_scope(registration: Registration) -> str:
+    """Which faces a registration's figures come from, in a few words."""
+    scored = registration.evaluation_set
+    if scored is None:
+        return "unscored"
+    where = scored.protocol.split("crops=")[-1].split()[0]
+    source = f"the evaluation shards' stored crops ({where.split(':', 1)[1]})" if where.startswith("shards") \
+        else "crops cut from the images"
+    return f"{images(scored.images)}, {source}, set {scored.short}"
+
+
 def images(count: int) -> str:
     return f"{count} image" if count == 1 else f"{count} images"
 
@@ -73,18 +112,18 @@ def champion_decision(candidate: Scored, champion: Scored | None, registered_mod
 
 
 def evaluate_and_register(bundle: ModelBundle, shards: str, manifest: Manifest, registered_model: str,
-                          model_uri: str, run_id: str) -> dict[str, Any]:
+                          model_uri: str, run_id: str) -> Registration:
     """Score ``bundle`` on the evaluation shards of ``shards``, then :func:`register_scored`."""
     report, evaluation_set = score_shards_on_set(bundle.predictor(), shards, manifest)
     LOG.info("AFLW2000-3D NME %.3f%% (mean of yaw bins; %s)", 100 * report["nme_mean_of_bins"],
              "synthetic faces" if manifest.morphable_model.synthetic else "real")
-    figures = register_scored(report, evaluation_set, registered_model, model_uri, run_id)
-    LOG.info("%s", figures["champion_reason"])
-    return figures
+    registration = register_scored(report, evaluation_set, registered_model, model_uri, run_id)
+    LOG.info("%s", registration.champion_reason)
+    return registration
 
 
 def register_scored(report: dict[str, Any] | None, evaluation_set: EvaluationSet | None,
-                    registered_model: str, model_uri: str, run_id: str) -> dict[str, Any]:
+                    registered_model: str, model_uri: str, run_id: str) -> Registration:
     """Log an AFLW2000-3D ``report`` measured on ``evaluation_set`` to the active run and register
     ``model_uri`` as a version of ``registered_model`` with its figures and set as tags; it
     becomes ``champion`` by :func:`champion_decision`, whose line is ``champion_reason``. Without
@@ -109,11 +148,7 @@ def register_scored(report: dict[str, Any] | None, evaluation_set: EvaluationSet
                                          current_champion(client, registered_model), registered_model)
     if promoted:
         client.set_registered_model_alias(registered_model, CHAMPION, version)
-    figures = {"registered_model": registered_model, "model_version": version, "champion": promoted,
-               "champion_reason": reason}
-    if report is None or evaluation_set is None:
-        return figures
-    return {"aflw2000": report, "evaluation_set": evaluation_set.to_dict(), **figures}
+    return Registration(registered_model, version, promoted, reason, report, evaluation_set)
 
 
 def current_champion(client: mlflow.MlflowClient, registered_model: str) -> Scored | None:

@@ -27,7 +27,7 @@ from ray.tune.schedulers import FIFOScheduler
 
 from models.checkpoint import load_bundle
 from pipeline.data.shard_reader import check_shards
-from pipeline.registration.gate import evaluate_and_register
+from pipeline.registration.gate import Registration, evaluate_and_register
 from pipeline.runtime.cluster_storage import check_shared, storage_location, training_folders
 from pipeline.runtime.config import ConfigError, from_dict, to_plain, with_overrides
 from pipeline.runtime.console import is_verbose
@@ -299,7 +299,41 @@ def write_best_config(best: TrialRow, base: TrainConfig, path: Path) -> Path:
     return path
 
 
-def register_best(best: TrialRow, context: SweepContext, base: TrainConfig) -> dict[str, Any]:
+@dataclass(frozen=True)
+class BestModel:
+    """The best trial's model: its file, its logged MLflow model, its registration if any."""
+
+    model_file: str
+    model_uri: str
+    registration: Registration | None = None
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """A finished sweep: its trials best first, the best trial's config file and model."""
+
+    sweep: str
+    parent_run_id: str
+    tracking_uri: str
+    trials: list[TrialRow]
+    best_trial: str
+    best_config: str
+    best_model: BestModel
+    synthetic_data: bool
+    sweep_dir: str
+
+    def to_json(self) -> dict[str, Any]:
+        figures = {"sweep": self.sweep, "parent_run_id": self.parent_run_id,
+                   "tracking_uri": self.tracking_uri,
+                   "trials": [asdict(row) | {"best": row.best} for row in self.trials],
+                   "best_trial": self.best_trial, "best_config": self.best_config,
+                   "model_file": self.best_model.model_file, "model_uri": self.best_model.model_uri,
+                   "synthetic_data": self.synthetic_data, "sweep_dir": self.sweep_dir}
+        registration = self.best_model.registration
+        return figures | (registration.to_json() if registration is not None else {})
+
+
+def register_best(best: TrialRow, context: SweepContext, base: TrainConfig) -> BestModel:
     """The best trial's best checkpoint: a model file, logged to the parent run, evaluated on
     AFLW2000-3D and registered (``champion`` only if it beats the current one)."""
     filesystem, _ = resolve(context.storage)
@@ -307,7 +341,7 @@ def register_best(best: TrialRow, context: SweepContext, base: TrainConfig) -> d
     model_path = copy_model_file(checkpoint, Path(context.run_dir) / "models" / f"{context.name}-best.pt")
     bundle, _ = load_bundle(model_path)
     model_uri = log_served_model(bundle)
-    figures: dict[str, Any] = {"model_file": str(model_path), "model_uri": model_uri}
+    registration = None
     manifest = read_manifest(base.data.shards)
     sweep = from_dict(SweepConfig, context.sweep, source="sweep")
     if not sweep.register:
@@ -316,9 +350,9 @@ def register_best(best: TrialRow, context: SweepContext, base: TrainConfig) -> d
         LOG.warning("%s has no AFLW2000-3D shards (preprocess with --aflw2000): the best model is not "
                     "evaluated or registered", base.data.shards)
     else:
-        figures.update(evaluate_and_register(bundle, base.data.shards, manifest, base.mlflow.registered_model,
-                                             model_uri, context.parent_run_id))
-    return figures
+        registration = evaluate_and_register(bundle, base.data.shards, manifest, base.mlflow.registered_model,
+                                             model_uri, context.parent_run_id)
+    return BestModel(str(model_path), model_uri, registration)
 
 
 def prepare(args: SweepRequest) -> tuple[SweepContext, SearchSpace, SweepConfig, Path]:
@@ -418,8 +452,8 @@ def _describe(dimension: Dimension) -> str:
     return f"{dimension.distribution}({dimension.low}, {dimension.high})"
 
 
-def tune_sweep(args: SweepRequest) -> dict[str, Any]:
-    """Run (or resume) a sweep; returns its figures."""
+def run_sweep(args: SweepRequest) -> SweepResult:
+    """Run (or resume) a sweep on Ray Tune; returns what it found."""
     context, space, sweep, sweep_dir = prepare(args)
     use_store(context.tracking_uri)
     LOG.info("sweep %s: %d samples over %s, searcher %s, %s; MLflow parent run %s", context.name,
@@ -436,9 +470,6 @@ def tune_sweep(args: SweepRequest) -> dict[str, Any]:
             f"--name {context.name}{storage} --resume")
     rows = collect_rows(grid, context, sweep.epochs)
     close_trial_runs(rows, context)
-    figures: dict[str, Any] = {"sweep": context.name, "parent_run_id": context.parent_run_id,
-                               "tracking_uri": context.tracking_uri,
-                               "trials": [asdict(row) | {"best": row.best} for row in ranked(rows)]}
     base = from_dict(TrainConfig, context.base, source="base config")
     with active_run(run_id=context.parent_run_id):
         report_sweep(rows, space, sweep_dir)
@@ -450,14 +481,13 @@ def tune_sweep(args: SweepRequest) -> dict[str, Any]:
         log_metrics({"best_val_nme": best.best[1], "trials_completed": _count(rows, COMPLETED),
                      "trials_stopped_early": _count(rows, STOPPED), "trials_failed": _count(rows, FAILED)})
         set_tags({"best_trial": best.trial_id})
-        figures["best_trial"] = best.trial_id
-        figures["best_config"] = str(write_best_config(best, base, sweep_dir / BEST_CONFIG))
+        best_config = write_best_config(best, base, sweep_dir / BEST_CONFIG)
         log_artifact(sweep_dir / BEST_CONFIG, "sweep")
         store_sweep_files(context.storage, context.name, [sweep_dir / "results.csv", sweep_dir / BEST_CONFIG])
-        figures.update(register_best(best, context, base))
-    figures["synthetic_data"] = read_manifest(base.data.shards).morphable_model.synthetic
-    figures["sweep_dir"] = str(sweep_dir)
-    return figures
+        best_model = register_best(best, context, base)
+    synthetic = read_manifest(base.data.shards).morphable_model.synthetic
+    return SweepResult(context.name, context.parent_run_id, context.tracking_uri, ranked(rows), best.trial_id,
+                       str(best_config), best_model, synthetic, str(sweep_dir))
 
 
 class SweepInterrupted(RuntimeError):

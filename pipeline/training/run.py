@@ -12,7 +12,7 @@ MLflow; with AFLW2000-3D shards beside the training shards it is evaluated and r
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from ray.train.torch import TorchTrainer
 
 from models.checkpoint import load_bundle
 from pipeline.data.shard_reader import check_shards
-from pipeline.registration.gate import evaluate_and_register
+from pipeline.registration.gate import Registration, evaluate_and_register
 from pipeline.runtime.cluster_storage import check_shared, training_folders
 from pipeline.runtime.config import to_plain
 from pipeline.runtime.console import sigint_seen
@@ -46,6 +46,25 @@ from preprocessing.manifest import Manifest, read_manifest
 LOG = logging.getLogger("frnet.train")
 
 
+@dataclass(frozen=True)
+class TrainingResult:
+    """What a training run leaves: its MLflow run, the best epoch's model file and figures, and
+    its registration (None when the shards hold no AFLW2000-3D faces to score it on)."""
+
+    run_id: str
+    tracking_uri: str
+    model_uri: str
+    model_file: str
+    best: dict[str, Any]
+    synthetic_data: bool
+    registration: Registration | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        figures = {"run_id": self.run_id, "tracking_uri": self.tracking_uri, "model_uri": self.model_uri,
+                   "model_file": self.model_file, "best": self.best, "synthetic_data": self.synthetic_data}
+        return figures | (self.registration.to_json() if self.registration is not None else {})
+
+
 class TrainingInterrupted(Exception):
     """Ctrl-C stopped the run ``name`` (MLflow run ``run_id``, now KILLED); ``saved`` is its newest
     checkpoint (folder, epoch), or None when no epoch finished."""
@@ -55,8 +74,8 @@ class TrainingInterrupted(Exception):
         self.name, self.run_id, self.saved = name, run_id, saved
 
 
-def train(config: TrainConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
-    """Train, log to MLflow and write the best model file; returns the run's figures. A
+def train(config: TrainConfig, run_dir: Path, resume: bool = False) -> TrainingResult:
+    """Train, log to MLflow and write the best model file; returns what the run left. A
     ConfigError refuses a run name in use (without ``resume``) or a run that cannot be resumed;
     a ShardError, shards that are not what the manifest says; TrainingInterrupted, Ctrl-C."""
     run_dir = run_dir.resolve()
@@ -76,7 +95,7 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False) -> dict[str,
 
 
 def tracked_run(config: TrainConfig, run_dir: Path, manifest: Manifest,
-                run: TrackingTarget) -> dict[str, Any]:
+                run: TrackingTarget) -> TrainingResult:
     """The run inside its MLflow run: training, the best model file, its evaluation."""
     synthetic = manifest.morphable_model.synthetic
     tags = {"synthetic_data": str(synthetic), "morphable_model": manifest.morphable_model.identity}
@@ -91,12 +110,12 @@ def tracked_run(config: TrainConfig, run_dir: Path, manifest: Manifest,
     bundle, _ = load_bundle(model_path)
     model_uri = log_served_model(bundle)
     log_metrics({"best_val_nme": metrics["val_nme"], "best_epoch": metrics["epoch"]})
-    figures = {"run_id": run.run_id, "tracking_uri": current_store(), "model_uri": model_uri,
-               "model_file": str(model_path), "best": metrics, "synthetic_data": synthetic}
+    registration = None
     if manifest.aflw2000 is not None:
-        figures.update(evaluate_and_register(bundle, config.data.shards, manifest,
-                                             config.mlflow.registered_model, model_uri, run.run_id))
-    return figures
+        registration = evaluate_and_register(bundle, config.data.shards, manifest,
+                                             config.mlflow.registered_model, model_uri, run.run_id)
+    return TrainingResult(run.run_id, current_store(), model_uri, str(model_path), metrics, synthetic,
+                          registration)
 
 
 def fit(trainer: TorchTrainer) -> ray.train.Result:

@@ -40,7 +40,9 @@ def small_config(shards, name: str, epochs: int) -> TrainConfig:
 
 def test_training_logs_to_mlflow_and_resumes(shards, tmp_path):
     run_dir = tmp_path / "run"
-    figures = train(small_config(shards, "t1", epochs=2), run_dir)
+    result = train(small_config(shards, "t1", epochs=2), run_dir)
+    figures = result.to_json()
+    assert result.registration is not None and result.registration.model_version == "1"
     assert figures["tracking_uri"] == f"sqlite:///{run_dir.resolve() / 'mlflow.db'}"
     client = mlflow.MlflowClient(figures["tracking_uri"])
     run = client.get_run(figures["run_id"])
@@ -87,7 +89,7 @@ def test_training_logs_to_mlflow_and_resumes(shards, tmp_path):
     # only if its NME is lower.
     scaled = replace(small_config(shards, "t1-again", epochs=1),
                      optim=OptimConfig(reference_batch=32, lr_scaling="linear"))
-    again = train(scaled, run_dir)
+    again = train(scaled, run_dir).to_json()
     params = client.get_run(again["run_id"]).data.params
     assert float(params["optim.effective_lr"]) == pytest.approx(0.01) and params["optim.global_batch"] == "16"
     assert client.get_metric_history(again["run_id"], "lr")[0].value == pytest.approx(0.002)
