@@ -24,7 +24,7 @@ from pipeline.data.shard_reader import ShardError, shard_read_failure
 from pipeline.registration.gate import registration_scope, yaw_cells
 from pipeline.runtime.config import ConfigError, load_config, with_overrides
 from pipeline.runtime.console import run_main
-from pipeline.runtime.paths import input_location, input_path
+from pipeline.runtime.paths import input_path, shards_location
 from pipeline.runtime.ray_session import RayStartError, start_ray
 from pipeline.runtime.stage_tools import setup_logging, stage_parser, write_json
 from pipeline.training.config import TrainConfig
@@ -58,8 +58,9 @@ def load_train_config(args: argparse.Namespace) -> TrainConfig:
     flags = (("data.shards", args.shards), ("run.storage_path", args.storage), ("epochs", args.epochs),
              ("run.name", args.name))
     overrides = {key: value for key, value in flags if value is not None}
-    config = load_config(input_path(args.config, "--config"), TrainConfig, overrides)
-    shards = input_location(config.data.shards, "--shards" if args.shards else "data.shards")
+    config_path = input_path(args.config, "--config")
+    config = load_config(config_path, TrainConfig, overrides)
+    shards = shards_location(config.data.shards, args.shards is not None, args.config)
     return with_overrides(config, {"data.shards": shards}, source="command line")
 
 

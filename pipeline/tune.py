@@ -23,10 +23,10 @@ import ray
 from pipeline.registration.gate import registration_scope
 from pipeline.runtime.config import ConfigError
 from pipeline.runtime.console import run_main
-from pipeline.runtime.paths import input_location, input_path
+from pipeline.runtime.paths import input_path, shards_location
 from pipeline.runtime.ray_session import RayStartError, start_ray
 from pipeline.runtime.stage_tools import setup_logging, stage_parser, write_json
-from pipeline.sweeps.config import load_sweep_config
+from pipeline.sweeps.config import load_sweep_config, plan_sweep
 from pipeline.sweeps.run import SweepInterrupted, SweepRequest, SweepResult, run_sweep
 
 LOG = logging.getLogger("frnet.tune")
@@ -83,11 +83,15 @@ def _short(value: Any) -> str:
 
 
 def check_request(request: SweepRequest) -> None:
-    """The sweep config with the flags over it, and ``--num-samples``, checked before Ray starts."""
+    """The sweep config with the flags over it, ``--num-samples``, and for a new sweep its base
+    training config, shards and space against each other, all checked before Ray starts."""
     flags = (("name", request.name), ("epochs", request.epochs), ("storage_path", request.storage))
-    load_sweep_config(request.config, {key: value for key, value in flags if value is not None})
+    overrides = {key: value for key, value in flags if value is not None}
+    load_sweep_config(request.config, overrides)
     if request.num_samples is not None and request.num_samples < 1:
         raise ConfigError(f"--num-samples: must be >= 1, got {request.num_samples}")
+    if not request.resume and request.space is not None:
+        plan_sweep(request.config, request.space, overrides, request.shards, request.num_samples)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         request = SweepRequest(config=input_path(args.config, "--config"),
                                space=None if args.space is None else input_path(args.space, "--space"),
                                run_dir=args.run_dir, storage=args.storage, name=args.name,
-                               shards=args.shards and input_location(args.shards, "--shards"),
+                               shards=args.shards and shards_location(args.shards, True, args.config),
                                epochs=args.epochs, num_samples=args.num_samples, resume=args.resume)
         check_request(request)
         start_ray(args.num_cpus, logging_level=logging.WARNING)

@@ -195,6 +195,47 @@ def render_mesh(
         ``(image, mask)``: (H, W, 3) uint8 BGR and (H, W) bool, True where the mesh covers a pixel
         centre. Silhouette pixels are softened by a small blur for anti-aliasing.
     """
+    vertices, tris, colours, bg = _checked_inputs(vertices_image, triangles, vertex_colors, background, light)
+    n = vertices.shape[1]
+    height, width = bg.shape[:2]
+    image = bg.copy()
+    mask = np.zeros((height, width), dtype=bool)
+    if tris.size == 0 or n == 0:
+        return image, mask
+    tris = tris.astype(np.int64, copy=False)
+
+    # Pixel-centre coordinates, 0-based: pixel [r, c] is at (c, r).
+    px = vertices[0] - 1.0
+    py = vertices[1] - 1.0
+    depth = vertices[2]
+    corner_x, corner_y, normals = _face_geometry(px, py, depth, tris)
+    shaded = _shade_vertices(tris, *normals, colours, light, n)
+    boxes = _visible_boxes(corner_x, corner_y, normals[2], height, width)
+    if boxes is None:
+        return image, mask
+    ids, side_w, side_h, start_col, start_row = boxes
+    corners = tris[ids]  # (K, 3)
+    coef = _edge_coefficients(px[corners].T, py[corners].T)
+    zbuffer, best_tri, best_w0, best_w1 = _depth_test(
+        coef, depth[corners].T, side_w, side_h, start_col, start_row, height, width)
+    covered = np.flatnonzero(zbuffer > -np.inf)
+    if covered.size == 0:
+        return image, mask
+    _paint_covered(image, covered, corners[best_tri[covered]], best_w0[covered], best_w1[covered], shaded)
+    mask.reshape(-1)[covered] = True
+    return _soften_silhouette(image, mask), mask
+
+
+def _checked_inputs(
+    vertices_image: np.ndarray, triangles: np.ndarray, vertex_colors: np.ndarray, background: np.ndarray,
+    light: Lighting,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The arguments of :func:`render_mesh` as arrays, after checking their shapes, types and values.
+
+    Returns:
+        ``(vertices, triangles, colours, background)``: (3, N) float64, (T, 3) integer as given,
+        (N, 3) float32 and (H, W, 3) uint8. Raises ValueError naming the offending value.
+    """
     vertices = np.asarray(vertices_image, dtype=np.float64)
     if vertices.ndim != 2 or vertices.shape[0] != 3 or not np.all(np.isfinite(vertices)):
         raise ValueError(f"vertices_image must be finite with shape (3, N), got {vertices.shape}")
@@ -214,20 +255,22 @@ def render_mesh(
         raise ValueError(f"background must be (H, W, 3) uint8, got {bg.shape} {bg.dtype}")
     if not isinstance(light, Lighting):
         raise ValueError(f"light must be a Lighting, got {type(light).__name__}")
-    height, width = bg.shape[:2]
+    return vertices, tris, colours, bg
 
-    image = bg.copy()
-    mask = np.zeros((height, width), dtype=bool)
-    if tris.size == 0 or n == 0:
-        return image, mask
-    tris = tris.astype(np.int64, copy=False)
 
-    # Pixel-centre coordinates, 0-based: pixel [r, c] is at (c, r).
-    px = vertices[0] - 1.0
-    py = vertices[1] - 1.0
-    depth = vertices[2]
+def _face_geometry(
+    px: np.ndarray, py: np.ndarray, depth: np.ndarray, tris: np.ndarray,
+) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    """Each triangle's corners and unnormalised face normal in the y-up camera frame.
 
-    # Face normals in the y-up camera frame (z toward the viewer): its z is the facing test.
+    Args:
+        px, py: (N,) 0-based pixel-centre coordinates of the vertices (y down).
+        depth: (N,) vertex depths, larger = nearer the camera.
+        tris: (T, 3) int64 vertex ids.
+    Returns:
+        ``(corner_x, corner_y, normal)``: the corners' x and y (y up, i.e. ``-py``), three (T,)
+        arrays each, and the normal's x, y and z components (T,); z > 0 faces the camera.
+    """
     x0, x1, x2 = px[tris[:, 0]], px[tris[:, 1]], px[tris[:, 2]]
     y0, y1, y2 = -py[tris[:, 0]], -py[tris[:, 1]], -py[tris[:, 2]]
     z0, z1, z2 = depth[tris[:, 0]], depth[tris[:, 1]], depth[tris[:, 2]]
@@ -236,10 +279,30 @@ def render_mesh(
     normal_x = ay * bz - az * by
     normal_y = az * bx - ax * bz
     normal_z = ax * by - ay * bx
+    return (x0, x1, x2), (y0, y1, y2), (normal_x, normal_y, normal_z)
 
-    shaded = _shade_vertices(tris, normal_x, normal_y, normal_z, colours, light, n)
 
-    # Cull back faces, degenerate ones and those whose pixel-centre box is empty or off-image.
+def _visible_boxes(
+    corner_x: tuple[np.ndarray, ...], corner_y: tuple[np.ndarray, ...], normal_z: np.ndarray,
+    height: int, width: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """The triangles left after culling, with the padded pixel box each is tested over.
+
+    Back faces, degenerate ones and those whose pixel-centre box is empty or off-image are
+    culled. Each remaining box is padded to a power-of-two side (at most the image size) and
+    moved back inside the image where it would stick out; pixels outside the true box fail the
+    edge tests anyway, so no pixel index needs clipping.
+
+    Args:
+        corner_x, corner_y: the triangles' corners, three (T,) arrays each, y up.
+        normal_z: (T,) z of the unnormalised face normals.
+        height, width: image size in pixels.
+    Returns:
+        ``(ids, side_w, side_h, start_col, start_row)``, (K,) each: the kept triangles' ids and
+        their padded boxes' sizes and top-left pixels; None when no triangle is kept.
+    """
+    x0, x1, x2 = corner_x
+    y0, y1, y2 = corner_y
     col_lo = np.ceil(np.minimum(np.minimum(x0, x1), x2))
     col_hi = np.floor(np.maximum(np.maximum(x0, x1), x2))
     row_lo = np.ceil(-np.maximum(np.maximum(y0, y1), y2))
@@ -250,40 +313,42 @@ def render_mesh(
     np.minimum(row_hi, height - 1, out=row_hi)
     keep = (normal_z > _MIN_FACING) & (col_lo <= col_hi) & (row_lo <= row_hi)
     if not np.any(keep):
-        return image, mask
+        return None
     ids = np.flatnonzero(keep)
-    corners = tris[ids]  # (K, 3)
     box_w = (col_hi[ids] - col_lo[ids]).astype(np.int64) + 1
     box_h = (row_hi[ids] - row_lo[ids]).astype(np.int64) + 1
-    # Triangles are tested in batches of equal padded box size. A padded box is moved back
-    # inside the image where it would stick out (pixels outside the true box fail the edge
-    # tests anyway), so no pixel index needs clipping.
     side_w = np.minimum(_BOX_SIDES[np.searchsorted(_BOX_SIDES, box_w)], width)
     side_h = np.minimum(_BOX_SIDES[np.searchsorted(_BOX_SIDES, box_h)], height)
     start_col = np.minimum(col_lo[ids].astype(np.int64), width - side_w)
     start_row = np.minimum(row_lo[ids].astype(np.int64), height - side_h)
+    return ids, side_w, side_h, start_col, start_row
 
-    # Edge functions on screen (x right, y down), E_i >= 0 inside. Each is written as
-    # (A*x + B*y) + C with the same operations for a shared edge in either direction, so two
-    # neighbours' values are exact negatives of each other and no pixel centre falls in a crack.
-    sx = px[corners].T  # (3, K)
-    sy = py[corners].T
-    coef = np.empty((3, 3, ids.size))  # (edge, A/B/C, triangle)
+
+def _edge_coefficients(sx: np.ndarray, sy: np.ndarray) -> np.ndarray:
+    """The three edge functions of each triangle on screen (x right, y down), E_i >= 0 inside.
+
+    Each is written as (A*x + B*y) + C with the same operations for a shared edge in either
+    direction, so two neighbours' values are exact negatives of each other and no pixel centre
+    falls in a crack.
+
+    Args:
+        sx, sy: (3, K) screen coordinates of the triangles' corners.
+    Returns:
+        (3, 3, K) coefficients indexed (edge, A/B/C, triangle); edge i is opposite corner i.
+    """
+    coef = np.empty((3, 3, sx.shape[1]))
     for i in range(3):  # edge opposite vertex i runs from vertex i+1 to vertex i+2
         j, k = (i + 1) % 3, (i + 2) % 3
         # Front-facing (CCW in y-up) is clockwise on screen: negated so that inside is >= 0.
         coef[i, 0] = -(sy[j] - sy[k])
         coef[i, 1] = -(sx[k] - sx[j])
         coef[i, 2] = -(sx[j] * sy[k] - sx[k] * sy[j])
-    tri_depth = depth[corners].T  # (3, K)
+    return coef
 
-    # Depth test, batch by batch: a running z-buffer keeps each pixel's nearest fragment so far
-    # (largest z) with its triangle and barycentric weights; ties go to either. Independent of
-    # triangle order, and memory stays bounded by one batch of candidates.
-    zbuffer = np.full(height * width, -np.inf)
-    best_tri = np.zeros(height * width, dtype=np.int64)
-    best_w0 = np.zeros(height * width)
-    best_w1 = np.zeros(height * width)
+
+def _batches(side_w: np.ndarray, side_h: np.ndarray, height: int) -> list[np.ndarray]:
+    """Triangle indices grouped by equal padded box size, split so that no batch tests more than
+    about ``_BATCH_PIXELS`` candidate pixels (a batch holds at least one triangle)."""
     group_key = side_w * (height + 1) + side_h
     order = np.argsort(group_key, kind="stable")
     bounds = np.flatnonzero(np.diff(group_key[order])) + 1
@@ -291,7 +356,34 @@ def render_mesh(
     for group in np.split(order, bounds):
         per_batch = max(1, _BATCH_PIXELS // int(side_w[group[0]] * side_h[group[0]]))
         batches.extend(group[i:i + per_batch] for i in range(0, group.size, per_batch))
-    for members in batches:
+    return batches
+
+
+def _depth_test(
+    coef: np.ndarray, tri_depth: np.ndarray, side_w: np.ndarray, side_h: np.ndarray,
+    start_col: np.ndarray, start_row: np.ndarray, height: int, width: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The nearest fragment at every pixel, found batch by batch with a running z-buffer.
+
+    Each pixel keeps its nearest fragment so far (largest z) with its triangle and barycentric
+    weights; ties go to either. Independent of triangle order, and memory stays bounded by one
+    batch of candidates.
+
+    Args:
+        coef: (3, 3, K) edge coefficients from :func:`_edge_coefficients`.
+        tri_depth: (3, K) depths of the triangles' corners.
+        side_w, side_h, start_col, start_row: (K,) the padded boxes from :func:`_visible_boxes`.
+        height, width: image size in pixels.
+    Returns:
+        ``(zbuffer, best_tri, best_w0, best_w1)``, (H * W,) each over the flattened image: the
+        nearest depth (-inf where nothing covers the pixel), its triangle's index into the K
+        kept ones and its barycentric weights for corners 0 and 1.
+    """
+    zbuffer = np.full(height * width, -np.inf)
+    best_tri = np.zeros(height * width, dtype=np.int64)
+    best_w0 = np.zeros(height * width)
+    best_w1 = np.zeros(height * width)
+    for members in _batches(side_w, side_h, height):
         bw = int(side_w[members[0]])
         bh = int(side_h[members[0]])
         # Pixel-centre coordinates of every box, (G, 1, bw) and (G, bh, 1).
@@ -322,14 +414,27 @@ def render_mesh(
         best_tri[target] = local[nearest]
         best_w0[target] = w0[nearest]
         best_w1[target] = w1[nearest]
-    covered = np.flatnonzero(zbuffer > -np.inf)
-    if covered.size == 0:
-        return image, mask
-    # Gouraud: interpolate the shaded corner colours, one channel at a time (1-D gathers are
-    # much cheaper than gathering (P, 3, 3) blocks).
-    tri = corners[best_tri[covered]]
-    a = best_w0[covered].astype(np.float32)
-    b = best_w1[covered].astype(np.float32)
+    return zbuffer, best_tri, best_w0, best_w1
+
+
+def _paint_covered(
+    image: np.ndarray, covered: np.ndarray, tri: np.ndarray, w0: np.ndarray, w1: np.ndarray,
+    shaded: np.ndarray,
+) -> None:
+    """Write the Gouraud-interpolated colour into each covered pixel of ``image``, in place.
+
+    The shaded corner colours are interpolated one channel at a time (1-D gathers are much
+    cheaper than gathering (P, 3, 3) blocks).
+
+    Args:
+        image: (H, W, 3) uint8 BGR, C-contiguous; modified.
+        covered: (P,) flat indices of the covered pixels.
+        tri: (P, 3) vertex ids of the triangle seen at each covered pixel.
+        w0, w1: (P,) float64 barycentric weights of that triangle's corners 0 and 1.
+        shaded: (N, 3) float32 per-vertex colours from :func:`_shade_vertices`.
+    """
+    a = w0.astype(np.float32)
+    b = w1.astype(np.float32)
     flat = image.reshape(-1, 3)
     for channel in range(3):
         plane = np.ascontiguousarray(shaded[:, channel])
@@ -339,8 +444,6 @@ def render_mesh(
         value += 0.5
         np.clip(value, 0.0, 255.0, out=value)
         flat[covered, channel] = value.astype(np.uint8)
-    mask.reshape(-1)[covered] = True
-    return _soften_silhouette(image, mask), mask
 
 
 def _shade_vertices(

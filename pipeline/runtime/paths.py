@@ -38,6 +38,20 @@ def input_location(location: str, what: str) -> str:
     return location if "://" in location else str(input_path(location, what))
 
 
+SHARDS_HINT = ("shards are what `frnet preprocess --output DIR` writes (`make demo` makes a small set in "
+               "runs/demo/data/shards): give their folder with --shards DIR")
+
+
+def shards_location(location: str, flag_given: bool, config: Path | str) -> str:
+    """``input_location`` for a training config's ``data.shards``; a missing folder is refused
+    naming where the value came from (the flag, or the key in ``config``) and what makes shards."""
+    what = "--shards" if flag_given else f"data.shards (from {config})"
+    try:
+        return input_location(location, what)
+    except ConfigError as err:
+        raise ConfigError(f"{err}; {SHARDS_HINT}") from err
+
+
 def model_source(source: str, what: str) -> str:
     """A morphable-model source (:mod:`models.face_models`) with its paths made absolute."""
     return map_paths(source, lambda path: str(input_path(path, what)))

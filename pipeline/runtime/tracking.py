@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from importlib.metadata import version
+from importlib.metadata import requires, version
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from mlflow.entities import Metric, Param
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from packaging.requirements import Requirement
 
 from models import served
 from models.checkpoint import ModelBundle, bundle_to_dict, load_bundle
@@ -213,10 +214,16 @@ def log_served_model(bundle: ModelBundle, example: np.ndarray | None = None, nam
     return info.model_uri
 
 
+# OpenCV is used for crops and warps only: any release in the project's own range will do.
+SERVED_RANGES = ("opencv-python-headless",)
+
+
 def served_requirements() -> list[str]:
-    """What a served model needs, at the versions installed here (public index names)."""
-    return [f"{name}=={version(name).split('+')[0]}"
-            for name in ("mlflow", "torch", "numpy", "opencv-python-headless")]
+    """What a served model needs (public index names): MLflow, torch and numpy at the versions
+    installed here, OpenCV in the range the project itself declares."""
+    declared = {Requirement(text).name: str(Requirement(text)) for text in requires("mobile-frnet") or []}
+    pinned = [f"{name}=={version(name).split('+')[0]}" for name in ("mlflow", "torch", "numpy")]
+    return pinned + [declared.get(name, name) for name in SERVED_RANGES]
 
 
 def register(name: str, model_uri: str, run_id: str, figures: dict[str, float]) -> tuple[str, bool]:

@@ -250,3 +250,38 @@ def _checked_value(key: str, value: Any, base: TrainConfig, where: str) -> Any:
         reason = str(err).removeprefix(f"{where}: ")
         raise ConfigError(f"{where}: value {value!r} is refused: {reason}") from err
     return value
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """A new sweep's settings, checked against each other before Ray starts: the sweep config,
+    the base training config every trial starts from (its shard folder found), the space."""
+
+    sweep: SweepConfig
+    base: TrainConfig
+    space: SearchSpace
+
+
+def plan_sweep(config_path: Path, space_path: Path, overrides: dict[str, Any], shards: str | None,
+               num_samples: int | None) -> SweepPlan:
+    """Read the sweep config (with ``overrides``), its base training config (``shards``: the
+    ``--shards`` flag, if given) and the space, and check them against each other: the shard
+    folder exists, every searched key is a training key, the scheduler's grace period fits the
+    epochs a trial trains. A ConfigError names the file and key."""
+    from pipeline.runtime.paths import shards_location
+
+    sweep = load_sweep_config(config_path, overrides)
+    base = base_train_config(config_path, sweep, {"data.shards": shards} if shards else {})
+    train_config = Path(config_path).parent / sweep.train_config
+    # Trials run in working directories of their own, perhaps on other nodes: an absolute path.
+    located = shards_location(base.data.shards, bool(shards), train_config)
+    base = with_overrides(base, {"data.shards": located}, "base config")
+    space = load_space(space_path, base)
+    if num_samples is not None:
+        space = dataclasses.replace(space, num_samples=num_samples)
+    if space.scheduler.grace_period > sweep.epochs:
+        raise ConfigError(
+            f"{space_path}: scheduler.grace_period {space.scheduler.grace_period} exceeds the {sweep.epochs} "
+            f"epochs per trial of {config_path} (lower it, or use a space made for short trials such as "
+            "tune_spaces/small.yaml)")
+    return SweepPlan(sweep, base, space)

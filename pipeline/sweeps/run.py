@@ -31,7 +31,6 @@ from pipeline.registration.gate import Registration, evaluate_and_register
 from pipeline.runtime.cluster_storage import check_shared, storage_location, training_folders
 from pipeline.runtime.config import ConfigError, from_dict, to_plain, with_overrides
 from pipeline.runtime.console import is_verbose
-from pipeline.runtime.paths import input_location
 from pipeline.runtime.tracking import (
     TrackingTarget,
     active_run,
@@ -55,9 +54,9 @@ from pipeline.sweeps.config import (
     Dimension,
     SearchSpace,
     SweepConfig,
-    base_train_config,
     load_space,
     load_sweep_config,
+    plan_sweep,
 )
 from pipeline.sweeps.report import (
     COMPLETED,
@@ -371,17 +370,8 @@ def prepare(args: SweepRequest) -> tuple[SweepContext, SearchSpace, SweepConfig,
         where = sweep_dir if state_path.exists() else f"{storage}/{sweep.name}"
         raise ConfigError(f"a sweep named {sweep.name!r} exists in {where}: --resume continues it, "
                           "--name starts another")
-    base_overrides = {"data.shards": args.shards} if args.shards else {}
-    base = base_train_config(args.config, sweep, base_overrides)
-    # Trials run in working directories of their own, perhaps on other nodes: an absolute path.
-    shards = input_location(base.data.shards, "--shards" if args.shards else "data.shards")
-    base = with_overrides(base, {"data.shards": shards}, "base config")
-    space = load_space(args.space, base)
-    if args.num_samples is not None:
-        space = SearchSpace(space.dimensions, args.num_samples, space.scheduler, space.searcher, space.source)
-    if space.scheduler.grace_period > sweep.epochs:
-        raise ConfigError(f"{args.space}: scheduler.grace_period {space.scheduler.grace_period} exceeds "
-                          f"the {sweep.epochs} epochs per trial")
+    plan = plan_sweep(args.config, args.space, overrides, args.shards, args.num_samples)
+    base, space = plan.base, plan.space
     manifest = read_manifest(base.data.shards)
     check_shards(base.data.shards, manifest)  # missing, truncated or miscounted: refused here
     setting = f"{args.config}: storage_path"
