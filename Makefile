@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 RUN_DIR ?= runs/demo
 
-.PHONY: setup test test-fast lint demo clean
+.PHONY: setup test test-ray test-unit lint demo clean
 
 setup: $(VENV)/.installed
 
@@ -17,11 +17,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
+# Three tiers (tests/conftest.py): unit (no Ray, no subprocess), ray (+ a local Ray and frnet
+# commands), and everything (+ several nodes, the cluster launcher, the demo): what CI runs.
 test: setup
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=25 tests
 
-test-fast: setup
-	$(PY) -m pytest -q -ra -m "not slow" tests
+test-ray: setup
+	$(PY) -m pytest -q -ra --durations=15 -m "not cluster" tests
+
+test-unit: setup
+	FRNET_TEST_TIER=unit $(PY) -m pytest -q -ra --durations=10 -m "not ray and not cluster" tests
 
 lint: setup
 	$(VENV)/bin/ruff check models preprocessing pipeline tests benchmarks

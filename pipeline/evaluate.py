@@ -153,8 +153,9 @@ def write_pictures(inputs: Inputs, predictions: FacePredictions | None,
     if predictions is not None:
         paths["overlays"] = out_dir / "landmark_overlays.png"
         errors = np.array(list(reports["aflw2000"]["per_image"].values()))
-        overlay_sheet(inputs.model_info["checkpoint"], inputs.filesystem, inputs.refs, predictions, errors,
-                      paths["overlays"])
+        mean_face = inputs.model_info.get("mean_face")
+        name = "mean face (no network)" if mean_face else inputs.model_info["checkpoint"]
+        overlay_sheet(name, inputs.filesystem, inputs.refs, predictions, errors, paths["overlays"])
     else:
         LOG.info("no AFLW2000-3D faces: the overlay sheet is left out (AFLW's 21 points have no outline)")
     return {name: str(path) for name, path in paths.items()}

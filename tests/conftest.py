@@ -86,3 +86,39 @@ def box_iou(a, b) -> float:
     height = min(a[3], b[3]) - max(a[1], b[1])
     inter = max(width, 0.0) * max(height, 0.0)
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+# -- test tiers --------------------------------------------------------------------------------
+# unit: no Ray, no subprocess (make test-unit); ray: + a local Ray and `frnet` commands run as
+# subprocesses (make test-ray); cluster: + several Ray nodes, the cluster launcher, the demo,
+# clean environments (make test, what CI runs). A test that needs Ray through the ray_local
+# fixture is marked ray without saying so; any other is marked in its module.
+TIER_VARIABLE = "FRNET_TEST_TIER"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("cluster"):
+            item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(autouse=True)
+def unit_tier_guard(request, monkeypatch):
+    """In the unit tier, a test that starts Ray or a subprocess fails saying how to mark it: the
+    tier's promise (no Ray, no subprocess) is checked, not assumed."""
+    if os.environ.get(TIER_VARIABLE) != "unit":
+        yield
+        return
+    import subprocess
+
+    import ray
+
+    def refuse(what):
+        def refused(*args, **kwargs):
+            raise RuntimeError(f"{request.node.nodeid} {what} in the unit tier: mark it "
+                               "@pytest.mark.ray (or cluster)")
+        return refused
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse("starts a subprocess"))
+    monkeypatch.setattr(ray, "init", refuse("starts Ray"))
+    yield

@@ -13,7 +13,7 @@ import mlflow
 
 from models.checkpoint import ModelBundle
 from pipeline.evaluation.scoring import EvaluationSet, score_shards_on_set
-from pipeline.runtime.tracking import CHAMPION, RANKING_TAG, log_dict, log_metrics
+from pipeline.runtime.tracking import CHAMPION, RANKING_TAG, log_dict, log_metrics, register_version
 from preprocessing.manifest import Manifest
 
 LOG = logging.getLogger("frnet.registration")
@@ -141,7 +141,7 @@ def register_scored(report: dict[str, Any] | None, evaluation_set: EvaluationSet
         tags.update({key: repr(float(value)) for key, value in summary.items()}, **evaluation_set.tags())
         nme = report["nme_mean_of_bins"]
     client = mlflow.MlflowClient()
-    version = str(mlflow.register_model(model_uri, registered_model).version)
+    version = register_version(model_uri, registered_model)
     for key, value in tags.items():
         client.set_model_version_tag(registered_model, version, key, value)
     promoted, reason = champion_decision(Scored(version, nme, evaluation_set),

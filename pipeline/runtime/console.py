@@ -39,6 +39,18 @@ KNOWN_WARNINGS = (
     (DeprecationWarning, "`use_polars` is deprecated"),
     (DeprecationWarning, "`ray_remote_args` is deprecated"),
 )
+# Notices Ray logs in the driver that ask nothing of a user: (logger, start of message). A local
+# Ray enables token authentication by itself and says so at every start.
+KNOWN_NOTICES = (
+    ("ray._private.authentication.authentication_token_setup", "Token authentication is enabled for this"),
+)
+# Lines Ray's own actors print, forwarded to the driver, that report Ray's normal housekeeping:
+# Ray Train's PreemptionWatcher actor is created with a restart policy its arguments cannot
+# honour (an error-level line, though nothing failed), and its PlacementGroupCleaner reports the
+# clean-up at the end of every run.
+FORWARDED_NOTICES = re.compile(
+    r"Actor with class name: 'PreemptionWatcher' .* the actor restart will fail"
+    r"|Detected that the Ray Train controller actor \(\w+\) is dead\. Cleaning up placement group")
 RAY_ADVICE = ("Ray failed, not the data or the config: check the cluster with `ray status` and its logs "
               "(Ray's session folder, logs/), then run the command again; `frnet train --resume` "
               "continues a run from its last checkpoint.")
@@ -63,6 +75,35 @@ def quiet_libraries(verbose: bool) -> None:
             handler.addFilter(RayInfoFilter())
     for category, start in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=re.escape(start), category=category)
+    for name, start in KNOWN_NOTICES:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, NoticeFilter) for f in logger.filters):
+            logger.addFilter(NoticeFilter(start))
+
+
+class NoticeFilter(logging.Filter):
+    """Drops a logger's records whose message starts with ``start``; every other record passes."""
+
+    def __init__(self, start: str) -> None:
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.start)
+
+
+def is_forwarded_notice(line: str) -> bool:
+    """Whether a worker line Ray forwards is one of its housekeeping notices (FORWARDED_NOTICES)."""
+    return FORWARDED_NOTICES.search(line) is not None
+
+
+def quiet_forwarded_lines() -> None:
+    """After Ray has started: its housekeeping notices left out of the forwarded worker output,
+    unless the console is verbose."""
+    if not is_verbose():
+        from pipeline.runtime.ray_internals import drop_forwarded_lines
+
+        drop_forwarded_lines(is_forwarded_notice)
 
 
 class RayInfoFilter(logging.Filter):
@@ -86,6 +127,10 @@ def setup_console(verbose: bool) -> None:
     if not verbose:
         # Ray Data's progress becomes a log line every few seconds when not on a terminal.
         os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+        # No progress bars from the datasets Ray Train and Tune run inside their own actors: a
+        # bar redrawn from several processes is escape codes in a file and a jumble on a
+        # terminal. The stages print their own progress (a line a shard, an epoch, a trial).
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
         # Tune's new output engine prints its experiment banner at every verbosity; the older
         # one is silent at verbose=0, and the sweep prints a line per trial itself.
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -96,7 +141,8 @@ def setup_console(verbose: bool) -> None:
 
 def worker_environment() -> dict[str, str]:
     """The variables a Ray job's workers need to keep the driver's console choice."""
-    return {name: os.environ[name] for name in (VERBOSE_ENV, "RAY_DATA_LOG_LEVEL") if name in os.environ}
+    names = (VERBOSE_ENV, "RAY_DATA_LOG_LEVEL", "RAY_DATA_DISABLE_PROGRESS_BARS")
+    return {name: os.environ[name] for name in names if name in os.environ}
 
 
 def causes(err: BaseException) -> Iterator[BaseException]:

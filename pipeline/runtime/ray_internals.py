@@ -9,6 +9,9 @@ to re-check, rather than let an upgrade change behaviour silently.
   loopback node address by the machine's outward one on Linux unless clusters are switched off
   (``ray._private.ray_constants.ENABLE_RAY_CLUSTER``, read once at import); there is no
   ``ray.init`` argument for it.
+- :func:`drop_forwarded_lines`: the output of Ray's workers that Ray forwards to the driver's
+  console, filtered. ``ray.init(log_to_driver=False)`` drops all of it, the project's own epoch
+  lines from the Train workers included; a filter of single lines has no public hook.
 - :func:`torch_backend_parts`: Ray Train's torch set-up, to serve the rendezvous store from a
   socket bound to loopback. ``TorchConfig.backend_cls`` is public, but the backend it returns,
   the helper that sets torch's environment variables and the older worker group class are not.
@@ -17,7 +20,7 @@ to re-check, rather than let an upgrade change behaviour silently.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ray
@@ -63,3 +66,25 @@ def torch_backend_parts() -> tuple[type, Any, type]:
     from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
 
     return _TorchBackend, _set_torch_distributed_env_vars, V1WorkerGroup
+
+
+def drop_forwarded_lines(drop: Callable[[str], bool]) -> None:
+    """From now on, a line of worker output that Ray forwards to this process's console is left
+    out when ``drop(line)`` is true (every other line is printed as before). Call after
+    ``ray.init``; calling it again changes nothing."""
+    require_tested_ray("the console's filter of forwarded worker lines")
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    def filtered(handle: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+        def handle_kept(data: dict[str, Any]) -> None:
+            lines = [line for line in data.get("lines", []) if not drop(line)]
+            if lines:
+                handle({**data, "lines": lines})
+
+        handle_kept.drops_lines = True  # type: ignore[attr-defined]
+        return handle_kept
+
+    with dispatcher._lock:
+        dispatcher.handlers = [
+            (name, filtered(handle) if name == "ray_print_logs" and not getattr(handle, "drops_lines", False)
+             else handle) for name, handle in dispatcher.handlers]

@@ -9,6 +9,8 @@ Runs are addressed two ways: the driver's active run (``mlflow.start_run``), and
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -226,32 +228,16 @@ def served_requirements() -> list[str]:
     return pinned + [declared.get(name, name) for name in SERVED_RANGES]
 
 
-def register(name: str, model_uri: str, run_id: str, figures: dict[str, float]) -> tuple[str, bool]:
-    """Register a model version with its evaluation figures as tags; move ``champion`` to it
-    only if its NME (``figures[RANKING_TAG]``) beats the current champion's. A version without
-    that figure (not evaluated) never becomes champion. Returns (version, promoted)."""
-    client = mlflow.MlflowClient()
-    version = str(mlflow.register_model(model_uri, name).version)
-    for key, value in figures.items():  # full precision: the ranking tag is compared exactly
-        client.set_model_version_tag(name, version, key, repr(float(value)))
-    client.set_model_version_tag(name, version, "run_id", run_id)
-    score = figures.get(RANKING_TAG)
-    try:
-        current = client.get_model_version_by_alias(name, CHAMPION)
-        best = float(current.tags.get(RANKING_TAG, "inf"))
-    except mlflow.exceptions.MlflowException:
-        current, best = None, float("inf")
-    promoted = score is not None and score < best
-    if promoted:
-        client.set_registered_model_alias(name, CHAMPION, version)
-        LOG.info("%s version %s is the new champion (NME %.3f%%, was %s)", name, version, 100 * score,
-                 "none" if current is None else f"{100 * best:.3f}%")
-    elif score is None:
-        LOG.info("%s version %s registered without an evaluation; the champion is unchanged", name, version)
-    else:
-        LOG.info("%s version %s registered; the champion (version %s, NME %.3f%%) stays", name, version,
-                 current.version, 100 * best)
-    return version, promoted
+def register_version(model_uri: str, registered_model: str) -> str:
+    """Register ``model_uri`` as a new version of ``registered_model``; returns its number. The
+    two lines MLflow prints for it (model created, version created) go to the log at DEBUG: the
+    gate says in one line what was registered and whether it became champion."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+        version = str(mlflow.register_model(model_uri, registered_model).version)
+    for line in printed.getvalue().splitlines():
+        LOG.debug("%s", line)
+    return version
 
 
 def existing_store(uri: str | None) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 FRNET = [sys.executable, "-m", "pipeline.cli"]
+pytestmark = pytest.mark.ray
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -35,7 +36,7 @@ def test_synth_writes_a_readable_folder_and_its_figures(tmp_path):
     assert result.returncode == 2 and "command line: 'n' must be >= 1, got 0" in result.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_demo_runs_end_to_end(tmp_path):
     """A small demo: every stage runs, the outputs land under --out and nothing outside it."""
     result = run("demo", "--out", str(tmp_path / "run"), "--train-images", "40", "--test-images", "8",

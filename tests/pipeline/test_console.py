@@ -83,3 +83,55 @@ def test_a_legend_names_every_colour_inside_the_frame():
     for colour in (TRUTH_BGR, FLAGGED_BGR):  # each swatch is drawn
         assert np.all(band == np.array(colour, np.uint8), axis=-1).sum() > 20
     assert band.shape[0] > 30  # two rows: the second entry did not fit beside the first
+
+
+# Ray 2.60's housekeeping lines as they reach the driver, and lines that must pass.
+PREEMPTION = ("(TrainController pid=19822) [2026-12-07 13:11:26,994 E 19822 19859] core_worker.cc:2465: Actor "
+              "with class name: 'PreemptionWatcher' and ID: 'bfd801dbe5454d3ceb337e7201000000' has constructor "
+              "arguments in the object store and max_restarts > 0. If the arguments in the object store go out "
+              "of scope or are lost, the actor restart will fail. See https://github.com/ray-project/ray/issues/"
+              "53727 for more details.")
+CLEANER = ("(PlacementGroupCleaner pid=19869) Detected that the Ray Train controller actor "
+           "(39424f51ac0ef3735d64e8ad01000000) is dead. Cleaning up placement group = "
+           "[PlacementGroupID(841b326a23f076b80b1892c379c001000000)] created by this run.")
+KEPT = ["(RayTrainWorker pid=19934) epoch 1/2  loss 0.5367  val NME 22.792%",
+        "(TrainController pid=19822) [2026-12-07 13:11:27,000 E 19822 19859] core_worker.cc:100: Actor with class "
+        "name: 'RayTrainWorker' died unexpectedly",
+        "(RayTrainWorker pid=19934) RuntimeError: the shard broke"]
+
+
+def test_forwarded_housekeeping_lines_are_dropped_and_errors_kept(monkeypatch):
+    """Through Ray's own dispatcher of forwarded worker output: the two notices are left out of
+    a batch, every other line reaches the console's handler as Ray sent it."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    from pipeline.runtime.ray_internals import drop_forwarded_lines
+
+    printed = []
+    monkeypatch.setattr(dispatcher, "handlers", [("ray_print_logs", lambda data: printed.append(data))])
+    monkeypatch.setenv(console.VERBOSE_ENV, "0")
+    console.quiet_forwarded_lines()
+    drop_forwarded_lines(console.is_forwarded_notice)  # a second call wraps nothing twice
+    dispatcher.emit({"pid": 1, "is_err": True, "lines": [PREEMPTION, KEPT[0], CLEANER, *KEPT[1:]]})
+    dispatcher.emit({"pid": 2, "is_err": False, "lines": [CLEANER]})
+    assert [data["lines"] for data in printed] == [KEPT]
+
+
+def test_the_token_notice_is_dropped_and_other_authentication_warnings_kept(monkeypatch, caplog):
+    name = "ray._private.authentication.authentication_token_setup"
+    monkeypatch.setattr(logging.getLogger(name), "filters", [])
+    console.quiet_libraries(verbose=False)
+    logger = logging.getLogger(name)
+    logger.warning("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled ...")
+    logger.warning("Token authentication is disabled: anyone with network access to the cluster can run code")
+    assert [record.getMessage()[:37] for record in caplog.records] == ["Token authentication is disabled: any"]
+
+
+def test_worker_progress_bars_are_off_unless_verbose(monkeypatch):
+    for name in ("RAY_DATA_DISABLE_PROGRESS_BARS", "RAY_DATA_LOG_LEVEL", "RAY_AIR_NEW_OUTPUT", "RAY_COLOR_PREFIX",
+                 console.VERBOSE_ENV):
+        monkeypatch.delenv(name, raising=False)
+    console.setup_console(verbose=True)
+    assert "RAY_DATA_DISABLE_PROGRESS_BARS" not in console.worker_environment()
+    console.setup_console(verbose=False)
+    assert console.worker_environment()["RAY_DATA_DISABLE_PROGRESS_BARS"] == "1"

@@ -23,6 +23,7 @@ def test_gpu_training_run_checks_out(tmp_path):
     assert (tmp_path / "gpu.json").exists()
 
 
+@pytest.mark.ray
 def test_gpu_check_refuses_without_cuda(tmp_path):
     """Without CUDA the script says so and exits 2, rather than training on the CPU."""
     if torch.cuda.is_available():

@@ -23,7 +23,7 @@ from pipeline.training.config import DataConfig, RunConfig, ScalingConfig, Train
 from tests.conftest import tiny_shards
 from tests.pipeline.cluster_harness import FOREIGN_ENV, session_members, tail
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.ray
 
 TRAIN_S = 300
 # Processes of a Ray node: seeing each of these proves the listing saw Ray, not only the driver.

@@ -35,7 +35,7 @@ from tests.pipeline.cluster_harness import (
 )
 
 pytestmark = [
-    pytest.mark.slow,
+    pytest.mark.cluster,
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds its processes through /proc"),
 ]
 

@@ -31,7 +31,7 @@ from tests.pipeline.cluster_harness import (
 )
 
 pytestmark = [
-    pytest.mark.slow,
+    pytest.mark.cluster,
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux mount namespaces"),
     pytest.mark.skipif(os.geteuid() != 0, reason="hiding folders from a node needs root (unshare --mount)"),
 ]

@@ -25,7 +25,7 @@ from tests.pipeline.cluster_harness import REPO_ROOT, VENV_BIN, Deadline
 from tests.pipeline.test_cluster_yaml import SCHEMA_PATH
 
 pytestmark = [
-    pytest.mark.slow,
+    pytest.mark.cluster,
     pytest.mark.skipif(launcher_harness.missing() is not None,
                        reason=f"the cluster launcher test {launcher_harness.missing()}"),
 ]

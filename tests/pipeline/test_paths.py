@@ -46,6 +46,7 @@ def test_model_sources_get_absolute_paths(tmp_path, monkeypatch):
         model_source("3ddfa:nothere", "morphable_model")
 
 
+@pytest.mark.ray
 def test_a_stage_run_from_elsewhere_finds_the_checkouts_config(tmp_path):
     """`frnet train --config configs/train.yaml` from another folder (as `ray submit` runs it)
     reads the checkout's config; a shard folder absent in both places is refused by name before

@@ -31,6 +31,7 @@ def test_cluster_to_join_follows_ray_address_then_the_ray_start_record(tmp_path,
     assert cluster_to_join() is None
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("stage", ["preprocess", "train", "tune"])
 def test_num_cpus_against_a_running_cluster_is_one_line(tmp_path, stage):
     """The flag only sizes a Ray started here; with RAY_ADDRESS set the stage refuses it in one

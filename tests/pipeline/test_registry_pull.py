@@ -29,7 +29,7 @@ from pipeline.runtime.tracking import CHAMPION, RANKING_TAG, bundle_from_model_u
 from tests.conftest import REPO_ROOT, real_face_image, shared_path
 from tests.pipeline.cluster_harness import FOREIGN_ENV, VENV_BIN, Deadline, free_ports, wait_for_url
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.cluster
 
 NAME = "frnet-peer"
 FACE = "image00427"

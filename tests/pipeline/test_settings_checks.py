@@ -281,6 +281,7 @@ def tree(root: Path) -> list[str]:
     return sorted(str(path.relative_to(root)) for path in root.rglob("*"))
 
 
+@pytest.mark.ray
 def test_train_refuses_a_name_that_leaves_the_run_dir(tmp_path):
     """`frnet train --name ../../x`, as a user types it: exit 2, one line naming the override and
     the rule, before Ray starts; nothing written inside or outside --run-dir."""

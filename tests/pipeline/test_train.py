@@ -21,7 +21,7 @@ from preprocessing.synth import SynthConfig, generate
 from tests.conftest import tiny_shards
 from tests.pipeline.cluster_harness import FOREIGN_ENV, store_has_run, tail
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")

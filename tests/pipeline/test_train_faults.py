@@ -30,7 +30,7 @@ from preprocessing.manifest import read_manifest
 from tests.conftest import tiny_shards
 from tests.pipeline.cluster_harness import FOREIGN_ENV, VENV_BIN, store_has_run, tail
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.ray
 TRAIN_SHARD = "train/part-00000.parquet"
 VAL_SHARD = "val/part-00000.parquet"
 

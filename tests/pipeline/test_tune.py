@@ -24,7 +24,7 @@ from models.checkpoint import load_bundle
 from pipeline import tune as tune_stage
 from tests.conftest import tiny_shards
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.ray
 # The grid runs in order: a sound learning rate, then one that blows the network up (ASHA must
 # stop it after its first epoch), then each again. Tune stops a trial while its Train workers go
 # on, so a stopped trial may report an epoch or two more: four epochs leave room for that.

@@ -211,6 +211,7 @@ def test_the_manifest_reader_refuses_counts_that_do_not_reconcile(tmp_path):
 RAY_STARTUP_NOTICE = "Token authentication is enabled for this Ray cluster"
 
 
+@pytest.mark.ray
 def test_strict_prints_one_line_naming_the_file_and_the_reason(synth_tree, tmp_path):
     root = copy_tree(synth_tree, tmp_path / "300W_LP")
     victim = sorted((root / "HELEN").glob("*.jpg"))[0]

@@ -23,7 +23,7 @@ from preprocessing.shards import decode_image
 from preprocessing.synth import SynthConfig, generate
 from tests.conftest import REPO_ROOT
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.ray
 SMALL = PreprocessConfig(augment=AugmentConfig(copies=2), sources_per_shard=6, batch_size=3, val_fraction=0.3)
 
 
