@@ -33,7 +33,8 @@ MODEL_FILE = "model.pt"
 META_FILE = "served.json"
 FORMAT = "mobile-frnet-served/1"
 # What the model folder's code needs (module names in the models package); nothing else ships.
-MODULES = ("frame", "params", "morphable", "architectures", "mobile_frnet", "mobilenet_v1", "weights", "served")
+MODULES = ("frame", "params", "morphable", "architectures", "mobile_frnet", "mobilenet_v1", "weights",
+           "served")
 OUTPUTS = ("landmarks", "pose", "params")
 
 

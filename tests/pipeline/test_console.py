@@ -86,17 +86,17 @@ def test_a_legend_names_every_colour_inside_the_frame():
 
 
 # Ray 2.60's housekeeping lines as they reach the driver, and lines that must pass.
-PREEMPTION = ("(TrainController pid=19822) [2026-12-07 13:11:26,994 E 19822 19859] core_worker.cc:2465: Actor "
-              "with class name: 'PreemptionWatcher' and ID: 'bfd801dbe5454d3ceb337e7201000000' has constructor "
-              "arguments in the object store and max_restarts > 0. If the arguments in the object store go out "
-              "of scope or are lost, the actor restart will fail. See https://github.com/ray-project/ray/issues/"
-              "53727 for more details.")
+PREEMPTION = ("(TrainController pid=19822) [2026-12-07 13:11:26,994 E 19822 19859] core_worker.cc:2465: "
+              "Actor with class name: 'PreemptionWatcher' and ID: 'bfd801dbe5454d3ceb337e7201000000' has "
+              "constructor arguments in the object store and max_restarts > 0. If the arguments in the "
+              "object store go out of scope or are lost, the actor restart will fail. See "
+              "https://github.com/ray-project/ray/issues/53727 for more details.")
 CLEANER = ("(PlacementGroupCleaner pid=19869) Detected that the Ray Train controller actor "
            "(39424f51ac0ef3735d64e8ad01000000) is dead. Cleaning up placement group = "
            "[PlacementGroupID(841b326a23f076b80b1892c379c001000000)] created by this run.")
 KEPT = ["(RayTrainWorker pid=19934) epoch 1/2  loss 0.5367  val NME 22.792%",
-        "(TrainController pid=19822) [2026-12-07 13:11:27,000 E 19822 19859] core_worker.cc:100: Actor with class "
-        "name: 'RayTrainWorker' died unexpectedly",
+        "(TrainController pid=19822) [2026-12-07 13:11:27,000 E 19822 19859] core_worker.cc:100: Actor with "
+        "class name: 'RayTrainWorker' died unexpectedly",
         "(RayTrainWorker pid=19934) RuntimeError: the shard broke"]
 
 
@@ -124,12 +124,14 @@ def test_the_token_notice_is_dropped_and_other_authentication_warnings_kept(monk
     logger = logging.getLogger(name)
     logger.warning("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled ...")
     logger.warning("Token authentication is disabled: anyone with network access to the cluster can run code")
-    assert [record.getMessage()[:37] for record in caplog.records] == ["Token authentication is disabled: any"]
+    kept = [record.getMessage()[:37] for record in caplog.records]
+    assert kept == ["Token authentication is disabled: any"]
 
 
 def test_worker_progress_bars_are_off_unless_verbose(monkeypatch):
-    for name in ("RAY_DATA_DISABLE_PROGRESS_BARS", "RAY_DATA_LOG_LEVEL", "RAY_AIR_NEW_OUTPUT", "RAY_COLOR_PREFIX",
-                 console.VERBOSE_ENV):
+    names = ("RAY_DATA_DISABLE_PROGRESS_BARS", "RAY_DATA_LOG_LEVEL", "RAY_AIR_NEW_OUTPUT", "RAY_COLOR_PREFIX",
+             console.VERBOSE_ENV)
+    for name in names:
         monkeypatch.delenv(name, raising=False)
     console.setup_console(verbose=True)
     assert "RAY_DATA_DISABLE_PROGRESS_BARS" not in console.worker_environment()
