@@ -154,7 +154,7 @@ def showcase(bundle: ModelBundle, folder: Path, stems: list[str], out: Path) -> 
     checks; its files under ``out``) and draw each prediction over its ground truth on one sheet,
     ``out/showcase.png``. ``failures`` lists every flagged prediction and image without a face."""
     images = [folder / f"{stem}.jpg" for stem in stems]
-    records, _ = predict_images(bundle, images, out)
+    records = predict_images(bundle, images, out).faces
     filesystem, refs = list_aflw2000(folder)
     truths = {ref.stem: read_annotation(filesystem, ref).pt3d_68 for ref in refs if ref.stem in stems}
     predicted = {Path(record["image"]).stem: record for record in records}
@@ -245,8 +245,12 @@ def run_demo(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
                                    frontal_stems(test_dir, PREDICTED_IMAGES), run_dir / "showcase")
     stages.append({"stage": "showcase", "seconds": round(time.perf_counter() - started_showcase, 1),
                    "exit": 1 if figures["showcase"]["failures"] else 0})
+    trained = json.loads((run_dir / "train.json").read_text())
+    evaluated = json.loads((evaluation / "champion.json").read_text())
     figures.update(
-        champion=json.loads((evaluation / "champion.json").read_text())["aflw2000"],
+        gate={"nme_mean_of_bins": trained["aflw2000"]["nme_mean_of_bins"], "set": trained["evaluation_set"],
+              "evaluated_set": evaluated["evaluation_set"]},
+        champion=evaluated["aflw2000"],
         mean_face=json.loads((evaluation / "mean_face.json").read_text())["aflw2000"],
         tracking_uri=tracking, seconds=round(time.perf_counter() - started, 1))
     return figures
@@ -262,6 +266,12 @@ def print_summary(figures: dict[str, Any], run_dir: Path, min_improvement: float
     verdict = "" if min_improvement <= 0 else (" (goal: at least "
                                                f"{min_improvement:g}x: {'met' if passed else 'NOT met'})")
     print(f"The champion's NME is {ratio:.1f}x lower than the mean face's{verdict}.")
+    gate = figures["gate"]
+    stored = gate["set"]["protocol"].split("crops=shards:")[-1].split()[0]
+    ours, theirs = gate["evaluated_set"]["digest"][:12], gate["set"]["digest"][:12]
+    print(f"(frnet evaluate's figures, on crops cut from the images, set {ours}; the registration gate's "
+          f"{100 * gate['nme_mean_of_bins']:.2f}% came from the same faces' crops as the shards store them "
+          f"({stored}), set {theirs}: they differ by that re-encoding only.)")
     print(f"\nDemo finished in {figures['seconds'] / 60:.1f} min; everything is under {run_dir}")
     print(f"  MLflow runs and registry:  mlflow ui --backend-store-uri {figures['tracking_uri']}"
           "   (then open http://127.0.0.1:5000)")

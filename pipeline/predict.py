@@ -29,6 +29,7 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -180,12 +181,21 @@ def find_faces(detector: MtcnnFaceDetector, image: np.ndarray, box: np.ndarray |
             for i in range(len(detections))]
 
 
-def predict_images(bundle: ModelBundle, images: list[Path], out: Path, box: np.ndarray | None = None,
-                   all_faces: bool = False) -> tuple[list[dict], list[str]]:
-    """Predict every image's face(s): ``box`` for all, else the detector's largest (or every) face.
+@dataclass(frozen=True)
+class Predictions:
+    """What a prediction run found: a record per face (as ``--json`` lists them under ``images``)
+    and the images in which the detector found no face."""
 
-    Returns the per-face records and the images in which the detector found no face.
-    """
+    faces: list[dict[str, Any]]
+    no_face: list[str]
+
+    def to_json(self, model: str) -> dict[str, Any]:
+        return {"model": model, "images": self.faces, "no_face": self.no_face}
+
+
+def predict_images(bundle: ModelBundle, images: list[Path], out: Path, box: np.ndarray | None = None,
+                   all_faces: bool = False) -> Predictions:
+    """Predict every image's face(s): ``box`` for all, else the detector's largest (or every) face."""
     predictor = bundle.predictor()
     detector = MtcnnFaceDetector()
     out.mkdir(parents=True, exist_ok=True)
@@ -200,7 +210,7 @@ def predict_images(bundle: ModelBundle, images: list[Path], out: Path, box: np.n
         for face, found in enumerate(faces if all_faces else faces[:1]):
             stem = f"{image_path.stem}_face{face}" if all_faces else image_path.stem
             records.append(predict_face(predictor, detector, image, image_path, face, found, out / stem))
-    return records, no_face
+    return Predictions(records, no_face)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,16 +227,15 @@ def main(argv: list[str] | None = None) -> int:
         LOG.error("%s", err)
         return 2
     try:
-        records, no_face = predict_images(bundle, images, args.out, box, args.all_faces)
+        predictions = predict_images(bundle, images, args.out, box, args.all_faces)
     except ValueError as err:
         LOG.error("%s", err)
         return 1
-    done = len(args.images) - len(no_face)
-    print(f"{len(records)} face(s) in {done} image(s) -> {args.out}"
-          + (f"; no face found in {len(no_face)}" if no_face else ""))
-    write_json(args.json, {"model": args.model_uri or str(args.checkpoint), "images": records,
-                           "no_face": no_face})
-    return 1 if no_face else 0
+    done = len(args.images) - len(predictions.no_face)
+    print(f"{len(predictions.faces)} face(s) in {done} image(s) -> {args.out}"
+          + (f"; no face found in {len(predictions.no_face)}" if predictions.no_face else ""))
+    write_json(args.json, predictions.to_json(args.model_uri or str(args.checkpoint)))
+    return 1 if predictions.no_face else 0
 
 
 if __name__ == "__main__":
