@@ -52,7 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="write the sweep's figures here (default: not written)")
     args = parser.parse_args(argv)
     if not args.resume and args.space is None:
-        parser.error("--space is required (unless --resume)")
+        parser.error(f"--space is required (unless --resume): the search space for {args.config}, e.g. "
+                     "tune_spaces/default.yaml with configs/tune.yaml, tune_spaces/small.yaml with "
+                     "configs/demo/tune.yaml (the demo's short trials)")
     return args
 
 

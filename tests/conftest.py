@@ -74,6 +74,13 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
+def shard_set(tmp_path_factory, ray_local):
+    """The session's small synthetic shard set (:func:`tiny_shards`), made once: tests read it;
+    one that edits shards works on a copy."""
+    return tiny_shards(tmp_path_factory.mktemp("shard-set"), seed=31)
+
+
+@pytest.fixture(scope="session")
 def synthetic_head():
     from models.synthetic_face import build_synthetic_head
 

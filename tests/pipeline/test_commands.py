@@ -134,3 +134,12 @@ def test_a_space_whose_grace_period_outruns_the_trials_is_refused_before_ray(tmp
     assert "scheduler.grace_period 5 exceeds the 2 epochs per trial" in line
     assert "configs/demo/tune.yaml" in line and "tune_spaces/small.yaml" in line
     assert not ray.is_initialized() and not (tmp_path / "run").exists()
+
+
+def test_tune_with_no_arguments_names_the_spaces_that_go_with_the_configs(capsys):
+    with pytest.raises(SystemExit) as stop:
+        tune.main([])
+    assert stop.value.code == 2
+    message = capsys.readouterr().err
+    assert "--space is required" in message and "tune_spaces/default.yaml with configs/tune.yaml" in message
+    assert "tune_spaces/small.yaml with configs/demo/tune.yaml" in message

@@ -20,7 +20,6 @@ import yaml
 from pipeline.runtime.config import to_plain
 from pipeline.runtime.ray_session import cluster_to_join
 from pipeline.training.config import DataConfig, RunConfig, ScalingConfig, TrainConfig
-from tests.conftest import tiny_shards
 from tests.pipeline.cluster_harness import FOREIGN_ENV, session_members, tail
 
 pytestmark = pytest.mark.ray
@@ -68,10 +67,10 @@ def exposed(seen: dict[tuple[str, int], str]) -> list[str]:
             if not is_loopback(host)]
 
 
-def test_a_training_run_listens_on_loopback_only(ray_local, processes, tmp_path_factory):
+def test_a_training_run_listens_on_loopback_only(ray_local, shard_set, processes, tmp_path_factory):
     keeper, _ = processes
     root = tmp_path_factory.mktemp("loopback")
-    shards = tiny_shards(root, seed=41)
+    shards = shard_set
     if cluster_to_join() is None:  # this session's Ray was started here, by start_ray
         session = listeners(descendants({os.getpid()}))
         assert any("raylet" in command for command in session.values()), session

@@ -18,15 +18,14 @@ from pipeline.runtime.config import ConfigError, to_plain
 from pipeline.training.config import DataConfig, OptimConfig, RunConfig, ScalingConfig, TrainConfig
 from pipeline.training.run import train
 from preprocessing.synth import SynthConfig, generate
-from tests.conftest import tiny_shards
 from tests.pipeline.cluster_harness import FOREIGN_ENV, store_has_run, tail
 
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory, ray_local):
-    return tiny_shards(tmp_path_factory.mktemp("train-data"), seed=31)
+def shards(shard_set):
+    return shard_set
 
 
 def small_config(shards, name: str, epochs: int) -> TrainConfig:

@@ -27,7 +27,6 @@ from pipeline.training.resume import last_saved
 from pipeline.training.run import train
 from pipeline.training.trainer import make_trainer
 from preprocessing.manifest import read_manifest
-from tests.conftest import tiny_shards
 from tests.pipeline.cluster_harness import FOREIGN_ENV, VENV_BIN, store_has_run, tail
 
 pytestmark = pytest.mark.ray
@@ -36,8 +35,8 @@ VAL_SHARD = "val/part-00000.parquet"
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory, ray_local):
-    return tiny_shards(tmp_path_factory.mktemp("faults-data"), seed=37)
+def shards(shard_set):
+    return shard_set
 
 
 def small_config(shards, name: str, epochs: int, workers: int = 2) -> TrainConfig:

@@ -22,7 +22,6 @@ import yaml
 
 from models.checkpoint import load_bundle
 from pipeline import tune as tune_stage
-from tests.conftest import tiny_shards
 
 pytestmark = pytest.mark.ray
 # The grid runs in order: a sound learning rate, then one that blows the network up (ASHA must
@@ -34,10 +33,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def sweep_files(tmp_path_factory, ray_local):
+def sweep_files(tmp_path_factory, shard_set):
     root = tmp_path_factory.mktemp("tune-data")
-    tiny_shards(root, seed=41)
-    train = {"data": {"shards": str(root / "shards"), "batch_size": 8, "shuffle_buffer": 16,
+    train = {"data": {"shards": str(shard_set), "batch_size": 8, "shuffle_buffer": 16,
                       "eval_batch_size": 16},
              "optim": {"name": "adamw", "lr": 0.001, "warmup_epochs": 0, "weight_decay": 0.0},
              "run": {"max_failures": 0}}
