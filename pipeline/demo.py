@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = stage_parser("frnet demo", __doc__)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory")
     parser.add_argument("--overwrite", action="store_true", help="delete an earlier demo in --out first")
-    parser.add_argument("--train-images", type=int, default=1200,
+    parser.add_argument("--train-images", type=int, default=800,
                         help="synthetic 300W-LP images (unflipped; the _Flip folders double it)")
     parser.add_argument("--views", type=int, default=4, help="300W-LP profile views per synthetic face")
     parser.add_argument("--test-images", type=int, default=300, help="synthetic AFLW2000-3D images")

@@ -46,11 +46,12 @@ KNOWN_NOTICES = (
 )
 # Lines Ray's own actors print, forwarded to the driver, that report Ray's normal housekeeping:
 # Ray Train's PreemptionWatcher actor is created with a restart policy its arguments cannot
-# honour (an error-level line, though nothing failed), and its PlacementGroupCleaner reports the
-# clean-up at the end of every run.
+# honour (an error-level line, though nothing failed), its PlacementGroupCleaner reports the
+# clean-up at the end of every run, and Ray Data says in each actor that its bars are off.
 FORWARDED_NOTICES = re.compile(
     r"Actor with class name: 'PreemptionWatcher' .* the actor restart will fail"
-    r"|Detected that the Ray Train controller actor \(\w+\) is dead\. Cleaning up placement group")
+    r"|Detected that the Ray Train controller actor \(\w+\) is dead\. Cleaning up placement group"
+    r"|Progress bars (for operators )?disabled\. To enable, set `ray\.data\.DataContext")
 RAY_ADVICE = ("Ray failed, not the data or the config: check the cluster with `ray status` and its logs "
               "(Ray's session folder, logs/), then run the command again; `frnet train --resume` "
               "continues a run from its last checkpoint.")

@@ -94,6 +94,8 @@ PREEMPTION = ("(TrainController pid=19822) [2026-12-07 13:11:26,994 E 19822 1985
 CLEANER = ("(PlacementGroupCleaner pid=19869) Detected that the Ray Train controller actor "
            "(39424f51ac0ef3735d64e8ad01000000) is dead. Cleaning up placement group = "
            "[PlacementGroupID(841b326a23f076b80b1892c379c001000000)] created by this run.")
+BARS_OFF = ("(SplitCoordinator pid=30938) Progress bars disabled. To enable, set "
+            "`ray.data.DataContext.get_current().enable_progress_bars = True`.")
 KEPT = ["(RayTrainWorker pid=19934) epoch 1/2  loss 0.5367  val NME 22.792%",
         "(TrainController pid=19822) [2026-12-07 13:11:27,000 E 19822 19859] core_worker.cc:100: Actor with "
         "class name: 'RayTrainWorker' died unexpectedly",
@@ -113,7 +115,7 @@ def test_forwarded_housekeeping_lines_are_dropped_and_errors_kept(monkeypatch):
     console.quiet_forwarded_lines()
     drop_forwarded_lines(console.is_forwarded_notice)  # a second call wraps nothing twice
     dispatcher.emit({"pid": 1, "is_err": True, "lines": [PREEMPTION, KEPT[0], CLEANER, *KEPT[1:]]})
-    dispatcher.emit({"pid": 2, "is_err": False, "lines": [CLEANER]})
+    dispatcher.emit({"pid": 2, "is_err": False, "lines": [CLEANER, BARS_OFF]})
     assert [data["lines"] for data in printed] == [KEPT]
 
 
