@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from pipeline.runtime.config import ConfigError
-from pipeline.runtime.paths import CHECKOUT, input_location, input_path, model_source
+from pipeline.runtime.paths import CHECKOUT, SHARDS_HINT, input_location, input_path, model_source
 from tests.conftest import REPO_ROOT
 
 FRNET = [sys.executable, "-m", "pipeline.cli"]
@@ -58,5 +58,5 @@ def test_a_stage_run_from_elsewhere_finds_the_checkouts_config(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].endswith(
         f"--shards no-such-shards: not found (tried {tmp_path / 'no-such-shards'} "
-        f"or {REPO_ROOT / 'no-such-shards'})"), result.stderr
+        f"or {REPO_ROOT / 'no-such-shards'}); {SHARDS_HINT}"), result.stderr
     assert not (tmp_path / "runs").exists()

@@ -170,7 +170,7 @@ def test_evaluate_pulls_the_champion_by_alias(shards, tmp_path):
     import sys
 
     run_dir = tmp_path / "run"
-    figures = train(small_config(shards, "t2", epochs=1), run_dir)
+    figures = train(small_config(shards, "t2", epochs=1), run_dir).to_json()
     generate(SynthConfig("aflw2000-3d", n=3, seed=33), tmp_path / "AFLW2000")
     result = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "evaluate", "--model-uri", "models:/mobile-frnet@champion",

@@ -189,8 +189,8 @@ def test_a_hard_kill_and_ctrl_c_leave_a_true_record(shards, tmp_path, processes)
     # The printed command, run here (the session's Ray is up): the epochs after the saved one.
     args = parse_args(shlex.split(resume.group(1))[2:])
     resumed_at = time.time() * 1000
-    figures = train(load_train_config(args), args.run_dir, resume=args.resume)
-    assert figures["run_id"] == run_id
+    result = train(load_train_config(args), args.run_dir, resume=args.resume)
+    assert result.run_id == run_id
     assert [(run.info.run_id, run.info.status) for run in runs_named(store, name)] == [(run_id, "FINISHED")]
     assert not client.search_runs([killed[0].info.experiment_id], "attributes.status = 'RUNNING'")
     history = client.get_metric_history(run_id, "val_nme")
