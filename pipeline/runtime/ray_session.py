@@ -51,7 +51,13 @@ def start_ray(num_cpus: int | None = None, dashboard: bool = True, **kwargs: Any
         return
     from pipeline.runtime.console import quiet_forwarded_lines, worker_environment
 
-    environment = worker_environment()  # the console's choice, for the job's workers
+    init_ray(num_cpus, dashboard, worker_environment(), kwargs)  # the console's choice, for the workers
+    quiet_forwarded_lines()
+
+
+def init_ray(num_cpus: int | None, dashboard: bool, environment: dict[str, str],
+             kwargs: dict[str, Any]) -> None:
+    """``ray.init`` as :func:`start_ray` describes, the workers handed ``environment``."""
     cluster = cluster_to_join()
     if cluster is not None:
         address, found_in = cluster
@@ -61,12 +67,10 @@ def start_ray(num_cpus: int | None = None, dashboard: bool = True, **kwargs: Any
                 f"(from {found_in}): leave out --num-cpus to use that cluster, or stop it first")
         LOG.info("joining the Ray cluster at %s (from %s)", address, found_in)
         ray.init(address=address, runtime_env={"env_vars": environment}, **kwargs)
-        quiet_forwarded_lines()
         return
     if not dashboard:
         init_on_loopback(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": environment},
                          **kwargs)
-        quiet_forwarded_lines()
         return
     with socket.socket() as probe:
         probe.bind((LOOPBACK, 0))
@@ -74,7 +78,6 @@ def start_ray(num_cpus: int | None = None, dashboard: bool = True, **kwargs: Any
     runtime_env = {"env_vars": {**environment, "RAY_API_SERVER_ADDRESS": f"http://{LOOPBACK}:{port}"}}
     init_on_loopback(num_cpus=num_cpus, dashboard_host=LOOPBACK, dashboard_port=port, runtime_env=runtime_env,
                      **kwargs)
-    quiet_forwarded_lines()
 
 
 def init_on_loopback(**kwargs: Any) -> None:
