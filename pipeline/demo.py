@@ -38,6 +38,7 @@ from models.checkpoint import ModelBundle
 from models.frame import nme
 from models.synthetic_face import build_synthetic_head
 from pipeline import evaluate, preprocess, train, tune
+from pipeline.evaluation.scoring import EvaluationSet
 from pipeline.predict import predict_images, read_image
 from pipeline.runtime.config import ConfigError, load_config
 from pipeline.runtime.console import is_verbose, run_main
@@ -267,7 +268,7 @@ def print_summary(figures: dict[str, Any], run_dir: Path, min_improvement: float
                                                f"{min_improvement:g}x: {'met' if passed else 'NOT met'})")
     print(f"The champion's NME is {ratio:.1f}x lower than the mean face's{verdict}.")
     gate = figures["gate"]
-    stored = gate["set"]["protocol"].split("crops=shards:")[-1].split()[0]
+    stored = EvaluationSet(**gate["set"]).crops.split(":", 1)[-1]
     ours, theirs = gate["evaluated_set"]["digest"][:12], gate["set"]["digest"][:12]
     print(f"(frnet evaluate's figures, on crops cut from the images, set {ours}; the registration gate's "
           f"{100 * gate['nme_mean_of_bins']:.2f}% came from the same faces' crops as the shards store them "

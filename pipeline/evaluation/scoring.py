@@ -86,6 +86,11 @@ class EvaluationSet:
     def short(self) -> str:
         return self.digest[:12]
 
+    @property
+    def crops(self) -> str:
+        """Where the scored crops came from: ``images``, or ``shards:FORMAT`` (the protocol's field)."""
+        return self.protocol.split("crops=")[-1].split()[0]
+
     def tags(self) -> dict[str, str]:
         """As the model-version tags :data:`SET_TAGS` names."""
         return {SET_TAGS["digest"]: self.digest, SET_TAGS["images"]: str(self.images),

@@ -67,7 +67,7 @@ def registration_scope(registration: Registration) -> str:
     scored = registration.evaluation_set
     if scored is None:
         return "unscored"
-    where = scored.protocol.split("crops=")[-1].split()[0]
+    where = scored.crops
     source = f"the evaluation shards' stored crops ({where.split(':', 1)[1]})" if where.startswith("shards") \
         else "crops cut from the images"
     return f"{images(scored.images)}, {source}, set {scored.short}"
