@@ -13,6 +13,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FRNET_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
+# Ray Train's controller looks at its workers every 2 s by default, so each run of a few seconds
+# waits up to that long at each step (workers up, each report, the end). The tests' runs, and the
+# Ray sessions and `frnet` commands they start (which inherit this), look four times as often.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
+
 def shared_path(*parts: str) -> Path:
     """A path under the reference data folder, or a skip naming what is missing."""
     path = SHARED_DATA.joinpath(*parts)

@@ -354,6 +354,11 @@ def find_run_by_name(experiment_id: str, name: str) -> tuple[str, str] | None:
     return (runs[0].info.run_id, runs[0].info.status) if runs else None
 
 
+def logged_params(run_id: str) -> dict[str, str]:
+    """The params a run has logged so far (strings, as :func:`flatten` writes them)."""
+    return dict(mlflow.MlflowClient().get_run(run_id).data.params)
+
+
 def nested_run(store: str, experiment_id: str, parent_run_id: str, name: str, tags: dict[str, str],
                params: dict[str, str]) -> TrackingTarget:
     """A run under ``parent_run_id`` (a sweep's trial); found again by its ``trial_id`` tag,

@@ -3,8 +3,9 @@
 A run is known by its ``run.name``: an MLflow run of that name in the experiment, and Ray
 Train's checkpoints under STORAGE/NAME (which Ray Train would otherwise pick up silently).
 Without ``--resume`` a known name is refused; with it, the run must be unfinished and the config
-must equal the one its latest checkpoint was trained with, key for key. The training then goes
-on in the same MLflow run, so its curves stay one.
+must equal the one its latest checkpoint was trained with, key for key (before its first
+checkpoint: the params its MLflow run logged). The training then goes on in the same MLflow run,
+so its curves stay one.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ray.train.v2.api.exceptions import RayTrainError
 from models.checkpoint import load_bundle
 from pipeline.runtime.cluster_storage import storage_location
 from pipeline.runtime.config import ConfigError, to_plain
-from pipeline.runtime.tracking import current_store, find_run_by_name
+from pipeline.runtime.tracking import current_store, find_run_by_name, flatten, logged_params
 from pipeline.training.config import TrainConfig
 from pipeline.training.worker import CHECKPOINT_FILE
 from preprocessing.datasets import resolve
@@ -118,9 +119,19 @@ def run_to_continue(config: TrainConfig, run_dir: Path, experiment_id: str, resu
                           "give another name (--name or run.name) for a new run")
     if found.checkpoint is not None:
         old, epoch = checkpoint_config(found.checkpoint)
-        changed = differences(old, to_plain(asdict(config)))
-        if changed:
-            raise ConfigError(f"--resume: the config differs from the one run {name!r} was trained with "
-                              f"(its checkpoint of epoch {epoch}): {'; '.join(changed)}. Resume with that "
-                              "config, or start a new run under another name (--name or run.name)")
+        changed, source = differences(old, to_plain(asdict(config))), f"its checkpoint of epoch {epoch}"
+    else:  # stopped before its first checkpoint: what its MLflow run logged
+        changed = param_changes(logged_params(found.run_id), flatten(asdict(config)))
+        source = f"the params of MLflow run {found.run_id}; no checkpoint yet"
+    if changed:
+        raise ConfigError(f"--resume: the config differs from the one run {name!r} was trained with "
+                          f"({source}): {'; '.join(changed)}. Resume with that config, or start a new "
+                          "run under another name (--name or run.name)")
     return found.run_id
+
+
+def param_changes(logged: dict[str, str], params: dict[str, str]) -> list[str]:
+    """``key: old -> new`` for every param logged already whose value ``params`` changes (MLflow
+    refuses to change a logged param)."""
+    return [f"{key}: {logged[key]} -> {params[key]}" for key in sorted(set(logged) & set(params))
+            if logged[key] != params[key]]

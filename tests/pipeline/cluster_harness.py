@@ -43,7 +43,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -376,14 +376,14 @@ def read_or_none(path: Path) -> str | None:
         return None
 
 
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[tuple[Processes, Path]]:
-    """The test's processes and a Ray temp dir; afterwards nothing of them is left running and
-    the machine's default ray_current_cluster is as it was."""
+@contextmanager
+def kept_processes(log_dir: Path) -> Iterator[tuple[Processes, Path]]:
+    """Processes logging to ``log_dir`` and a Ray temp dir; afterwards nothing of them is left
+    running and the machine's default ray_current_cluster is as it was."""
     address_file = default_address_file()
     before = read_or_none(address_file)
     temp_dir = Path(tempfile.mkdtemp(prefix="frnet-ray-", dir="/tmp"))
-    keeper = Processes(tmp_path / "logs")
+    keeper = Processes(log_dir)
     try:
         yield keeper, temp_dir
     finally:
@@ -393,3 +393,8 @@ def processes(tmp_path: Path) -> Iterator[tuple[Processes, Path]]:
     assert read_or_none(address_file) == before, f"{address_file} was changed"
 
 
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[tuple[Processes, Path]]:
+    """The test's processes and a Ray temp dir (:func:`kept_processes`)."""
+    with kept_processes(tmp_path / "logs") as kept:
+        yield kept

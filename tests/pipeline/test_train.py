@@ -1,24 +1,18 @@
 """Ray Train on the shards, end to end: DDP on two workers, MLflow, the model file, resuming."""
 
 import json
-import os
-import re
 import sys
-import time
 from dataclasses import replace
-from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
-import yaml
 
 from models.checkpoint import load_bundle
-from pipeline.runtime.config import ConfigError, to_plain
+from pipeline.runtime.config import ConfigError
 from pipeline.training.config import DataConfig, OptimConfig, RunConfig, ScalingConfig, TrainConfig
 from pipeline.training.run import train
 from preprocessing.synth import SynthConfig, generate
-from tests.pipeline.cluster_harness import FOREIGN_ENV, store_has_run, tail
 
 pytestmark = pytest.mark.ray
 
@@ -37,9 +31,15 @@ def small_config(shards, name: str, epochs: int) -> TrainConfig:
     )
 
 
-def test_training_logs_to_mlflow_and_resumes(shards, tmp_path):
-    run_dir = tmp_path / "run"
-    result = train(small_config(shards, "t1", epochs=2), run_dir)
+@pytest.fixture(scope="module")
+def first_run(shards, tmp_path_factory):
+    """A two-epoch run, registered as the store's first champion; later tests add to its store."""
+    run_dir = tmp_path_factory.mktemp("first-run") / "run"
+    return run_dir, train(small_config(shards, "t1", epochs=2), run_dir)
+
+
+def test_training_logs_to_mlflow_and_resumes(shards, first_run):
+    run_dir, result = first_run
     figures = result.to_json()
     assert result.registration is not None and result.registration.model_version == "1"
     assert figures["tracking_uri"] == f"sqlite:///{run_dir.resolve() / 'mlflow.db'}"
@@ -98,79 +98,11 @@ def test_training_logs_to_mlflow_and_resumes(shards, tmp_path):
     assert str(client.get_model_version_by_alias("mobile-frnet", "champion").version) == expected
 
 
-def test_an_interrupted_run_resumes_on_purpose_in_the_same_mlflow_run(shards, tmp_path, processes):
-    """`frnet train` stopped after epoch 2 of 5; then refused without --resume and with another
-    learning rate; `--resume` trains the remaining epochs into the same MLflow run."""
-    keeper, _ = processes
-    run_dir = tmp_path / "run"
-    config = to_plain(small_config(shards, "interrupted", epochs=5))
-    config["data"]["batch_size"] = 2  # more steps: epochs of a few seconds
-    env = {key: value for key, value in os.environ.items() if key not in FOREIGN_ENV}
-
-    def command(config: dict, *flags: str) -> list[str]:
-        path = tmp_path / f"train-{len(list(tmp_path.glob('train-*.yaml')))}.yaml"
-        path.write_text(yaml.safe_dump(config))
-        return [sys.executable, "-m", "pipeline.cli", "train", "--config", str(path), "--run-dir",
-                str(run_dir), "--num-cpus", "2", "--json", str(tmp_path / "figures.json"), *flags]
-
-    popen, log_path = keeper.start("train-interrupted", command(config), env)
-    store = f"sqlite:///{run_dir.resolve() / 'mlflow.db'}"
-    while 2 not in epochs_logged(store, "interrupted"):
-        assert popen.poll() is None, tail(log_path)
-        time.sleep(0.3)
-    assert not keeper.stop({popen.pid})
-    run_id = run_named(store, "interrupted").info.run_id
-
-    status, output = keeper.run("train-again", command(config), env, 600)
-    assert status == 2, output[-3000:]
-    # Stopped by SIGTERM, the driver ends its MLflow run as failed; a run whose driver ended before
-    # it could record that is marked killed by this next start. Never left running.
-    assert re.search(f"a run named 'interrupted' exists \\(MLflow run {run_id} \\((failed|killed)\\), "
-                     "checkpoints in ", output), output[-3000:]
-    assert mlflow.MlflowClient(store).get_run(run_id).info.status in ("FAILED", "KILLED")
-    other_lr = {**config, "optim": {**config["optim"], "lr": 0.04}}
-    status, output = keeper.run("train-changed", command(other_lr, "--resume"), env, 600)
-    assert status == 2 and "optim.lr: 0.02 -> 0.04" in output, output[-3000:]
-
-    status, output = keeper.run("train-resume", command(config, "--resume"), env, 600)
-    assert status == 0, output[-4000:]
-    # The stop lands in epoch 3; epoch 3's checkpoint may be in before the driver ends.
-    resumed = [int(n) for n in re.findall(r"resumed from the checkpoint of epoch (\d+)", output)]
-    assert resumed and resumed[0] in (2, 3), output[-4000:]
-    figures = json.loads((tmp_path / "figures.json").read_text())
-    client = mlflow.MlflowClient(store)
-    assert figures["run_id"] == run_id and client.get_run(run_id).info.status == "FINISHED"
-    assert sorted(m.step for m in client.get_metric_history(run_id, "val_nme")) == [1, 2, 3, 4, 5]
-    status, output = keeper.run("train-resume-finished", command(config, "--resume"), env, 600)
-    assert status == 2 and f"the run named 'interrupted' (MLflow run {run_id}) finished" in output
-
-
-def run_named(store: str, name: str):
-    client = mlflow.MlflowClient(store)
-    experiment = client.get_experiment_by_name("mobile-frnet")
-    runs = client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{name}'")
-    assert len(runs) == 1, runs
-    return runs[0]
-
-
-def epochs_logged(store: str, name: str) -> set[int]:
-    if not store_has_run(Path(store.removeprefix("sqlite:///")), name):
-        return set()
-    try:
-        run = run_named(store, name)
-    except (mlflow.exceptions.MlflowException, AttributeError, AssertionError):  # not there yet
-        return set()
-    return {m.step for m in mlflow.MlflowClient(store).get_metric_history(run.info.run_id, "val_nme")}
-
-
-def test_evaluate_pulls_the_champion_by_alias(shards, tmp_path):
+def test_evaluate_pulls_the_champion_by_alias(first_run, tmp_path):
     """`frnet evaluate --model-uri models:/NAME@champion` on a synthetic AFLW2000-3D folder."""
-    import json
     import subprocess
-    import sys
 
-    run_dir = tmp_path / "run"
-    figures = train(small_config(shards, "t2", epochs=1), run_dir).to_json()
+    figures = first_run[1].to_json()
     generate(SynthConfig("aflw2000-3d", n=3, seed=33), tmp_path / "AFLW2000")
     result = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "evaluate", "--model-uri", "models:/mobile-frnet@champion",
@@ -192,62 +124,3 @@ def test_evaluate_pulls_the_champion_by_alias(shards, tmp_path):
     assert (tmp_path / "pred" / "image00001_overlay.png").stat().st_size > 1000
     mesh = (tmp_path / "pred" / "image00001.obj").read_text().splitlines()
     assert sum(line.startswith("v ") for line in mesh) == 5802
-
-
-def test_a_killed_worker_is_replaced_and_no_finished_epoch_is_lost(shards, tmp_path):
-    """SIGKILL one Ray Train worker after the first checkpoint: with max_failures the run
-    restarts the workers from the latest checkpoint and finishes every epoch once."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import psutil
-    import yaml
-
-    config = tmp_path / "train.yaml"
-    config.write_text(yaml.safe_dump({
-        "epochs": 4,
-        "data": {"shards": str(shards), "batch_size": 8, "shuffle_buffer": 16, "eval_batch_size": 16},
-        "scaling": {"num_workers": 2, "cpus_per_worker": 0.4},
-        "run": {"name": "faulty", "max_failures": 2},
-    }))
-    run_dir = tmp_path / "run"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "train", "--config", str(config), "--run-dir", str(run_dir),
-         "--num-cpus", "2", "--json", str(tmp_path / "figures.json")],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    snapshot = run_dir / "ray" / "faulty" / "checkpoint_manager_snapshot.json"
-
-    def registered_epochs() -> list[int]:
-        """Epochs whose checkpoints Ray Train has registered (a checkpoint folder alone may not be)."""
-        try:
-            results = __import__("json").loads(snapshot.read_text())["checkpoint_results"]
-        except (OSError, ValueError, KeyError):
-            return []
-        return [int(r["metrics"]["epoch"]) for r in results]
-
-    deadline = time.time() + 240
-    while time.time() < deadline and not registered_epochs():
-        time.sleep(0.1)
-    done_before_kill = max(registered_epochs(), default=0)
-    assert 1 <= done_before_kill < 4, "the kill must land mid-run, after a registered checkpoint"
-    def command_line(child: psutil.Process) -> str:
-        """A child's command line, or "" for one that exited (Ray's short-lived helpers do)."""
-        try:
-            return " ".join(child.cmdline())
-        except (psutil.ZombieProcess, psutil.NoSuchProcess, psutil.AccessDenied):
-            return ""
-
-    workers = [p for p in psutil.Process(process.pid).children(recursive=True)
-               if "RayTrainWorker" in command_line(p)]
-    assert workers, "no Ray Train worker process found"
-    workers[-1].send_signal(signal.SIGKILL)
-    output, _ = process.communicate(timeout=420)
-    assert process.returncode == 0, output[-3000:]
-    resumed = [int(n) for n in re.findall(r"resumed from the checkpoint of epoch (\d+)", output)]
-    assert resumed and resumed[0] >= done_before_kill  # no registered epoch trained again
-    figures = __import__("json").loads((tmp_path / "figures.json").read_text())
-    client = mlflow.MlflowClient(figures["tracking_uri"])
-    steps = sorted({m.step for m in client.get_metric_history(figures["run_id"], "val_nme")})
-    assert steps == [1, 2, 3, 4]

@@ -1,7 +1,7 @@
 """`frnet train` when things go wrong: shards that are not what the manifest says (refused before
-training, or named in one line when a read fails while it runs), Ctrl-C (a message, the command
-that resumes, exit status 130, the MLflow run KILLED) and a driver killed hard (its MLflow run
-marked KILLED at the next start, then continued)."""
+training, or named in one line when a read fails while it runs), a driver killed hard (its
+MLflow run marked KILLED at the next start, then continued), SIGTERM, and Ctrl-C (a message, the
+command that resumes, exit status 130, the MLflow run KILLED)."""
 
 import json
 import os
@@ -32,6 +32,8 @@ from tests.pipeline.cluster_harness import FOREIGN_ENV, VENV_BIN, store_has_run,
 pytestmark = pytest.mark.ray
 TRAIN_SHARD = "train/part-00000.parquet"
 VAL_SHARD = "val/part-00000.parquet"
+# Room for three starts of one run: killed at once, stopped after a checkpoint, then after another.
+HALTED_EPOCHS = 6
 
 
 @pytest.fixture(scope="module")
@@ -137,13 +139,16 @@ def test_a_shard_that_breaks_while_training_is_named_in_one_line(shards, tmp_pat
     assert shard_read_failure(RuntimeError("not a read")) is None
 
 
-def test_a_hard_kill_and_ctrl_c_leave_a_true_record(shards, tmp_path, processes):
+def test_a_hard_kill_a_stop_and_ctrl_c_leave_a_true_record(shards, tmp_path, processes):
     """SIGKILL the driver once its MLflow run exists: the run stays RUNNING until the next start
-    marks it KILLED. `--resume` continues it; Ctrl-C then stops it with the checkpoint saved, the
-    command that resumes, exit status 130 and the run KILLED; that command finishes it from there."""
+    marks it KILLED; `frnet train` then refuses the name without --resume, and with --resume and
+    another learning rate. `--resume` continues it, and SIGTERM stops it (the run FAILED or
+    KILLED, never left running); `--resume` again, then Ctrl-C stops it with the checkpoint saved,
+    the command that resumes, exit status 130 and the run KILLED. That command finishes it from
+    there: every epoch once, in the one MLflow run, which cannot be resumed again."""
     keeper, _ = processes
     run_dir, name = tmp_path / "run", "halted"
-    config = small_config(shards, name, epochs=4)
+    config = small_config(shards, name, epochs=HALTED_EPOCHS)
     plain = to_plain(config)
     plain["data"]["batch_size"] = 2  # more steps: epochs of a few seconds
     config_path = tmp_path / "train.yaml"
@@ -165,22 +170,38 @@ def test_a_hard_kill_and_ctrl_c_leave_a_true_record(shards, tmp_path, processes)
 
     # The next start marks it, whatever it then does: a new name ...
     with pytest.raises(ConfigError, match="--resume: no run named 'other' to continue"):
-        train(small_config(shards, "other", epochs=4), run_dir, resume=True)
+        train(small_config(shards, "other", epochs=HALTED_EPOCHS), run_dir, resume=True)
     assert client.get_run(run_id).info.status == "KILLED"
-    # ... or the same name without --resume, refused and saying so.
-    with pytest.raises(ConfigError, match=rf"a run named '{name}' exists \(MLflow run {run_id} \(killed\)"):
-        train(config, run_dir)
+    # ... or the same name without --resume, refused (exit status 2) and saying so.
+    status, output = keeper.run("train-again", command, env, 600)
+    assert status == 2 and f"a run named '{name}' exists (MLflow run {run_id} (killed)" in output, \
+        output[-3000:]
+    other_lr = tmp_path / "train-other-lr.yaml"
+    other_lr.write_text(yaml.safe_dump({**plain, "optim": {**plain["optim"], "lr": 0.04}}))
+    status, output = keeper.run("train-changed", [*command[:3], str(other_lr), *command[4:], "--resume"],
+                                env, 600)
+    assert status == 2 and "optim.lr: 0.02 -> 0.04" in output, output[-3000:]
 
+    # SIGTERM once a checkpoint is saved: the driver ends its MLflow run as failed; one that
+    # ended before it could record that is marked killed by the next start. Never left running.
     popen, log_path = keeper.start("train-resumed", [*command, "--resume"], env)
     wait_until(lambda: last_saved(config, run_dir) is not None, popen, log_path)
     assert client.get_run(run_id).info.status == "RUNNING"  # continued, not a new run
+    assert not keeper.stop({popen.pid})
+    stopped_at = last_saved(config, run_dir)[1]
+
+    popen, log_path = keeper.start("train-resumed-again", [*command, "--resume"], env)
+    wait_until(lambda: (last_saved(config, run_dir) or ("", 0))[1] > stopped_at, popen, log_path)
+    assert client.get_run(run_id).info.status == "RUNNING"
     os.killpg(popen.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole process group
     assert popen.wait(timeout=180) == 130, tail(log_path)
     output = log_path.read_text()
+    resumed = [int(n) for n in re.findall(r"resumed from the checkpoint of epoch (\d+)", output)]
+    assert resumed and resumed[0] == stopped_at, output[-4000:]  # SIGTERM's last checkpoint, none lost
     saved = re.search(rf"interrupted: run '{name}' stopped; saved: the checkpoint of epoch (\d) in "
                       rf"{run_dir.resolve()}/ray/{name}/checkpoint_\S+; MLflow run {run_id} marked KILLED\n",
                       output)
-    assert saved and 1 <= int(saved.group(1)) < 4, tail(log_path)
+    assert saved and stopped_at < int(saved.group(1)) < HALTED_EPOCHS, tail(log_path)
     resume = re.search(r"^resume with: (frnet train .*)$", output, re.MULTILINE)
     assert resume and resume.group(1) == shlex.join(
         ["frnet", "train", *command[2:], "--name", name, "--resume"]), output[-2000:]
@@ -194,9 +215,12 @@ def test_a_hard_kill_and_ctrl_c_leave_a_true_record(shards, tmp_path, processes)
     assert [(run.info.run_id, run.info.status) for run in runs_named(store, name)] == [(run_id, "FINISHED")]
     assert not client.search_runs([killed[0].info.experiment_id], "attributes.status = 'RUNNING'")
     history = client.get_metric_history(run_id, "val_nme")
-    assert sorted({m.step for m in history}) == [1, 2, 3, 4]
+    assert sorted(m.step for m in history) == list(range(1, HALTED_EPOCHS + 1))  # each epoch once
     assert sorted(m.step for m in history if m.timestamp >= resumed_at) == \
-        list(range(int(saved.group(1)) + 1, 5))  # from the checkpoint the message named, none twice
+        list(range(int(saved.group(1)) + 1, HALTED_EPOCHS + 1))  # from the checkpoint the message named
+    finished = rf"--resume: the run named '{name}' \(MLflow run {run_id}\) finished"
+    with pytest.raises(ConfigError, match=finished):
+        train(load_train_config(args), args.run_dir, resume=True)
 
 
 def wait_until(condition, popen: subprocess.Popen, log_path: Path) -> None:
