@@ -184,6 +184,7 @@ def test_local_state_is_never_synced(cluster):
     assert {"data", "runs", ".venv", "mlruns", "mlartifacts"} <= ignored
 
 
+@pytest.mark.ray  # runs rsync: a subprocess, so not in the unit tier
 @pytest.mark.skipif(shutil.which("rsync") is None, reason="needs rsync")
 def test_rsync_with_the_files_options_sends_the_code_only(cluster, tmp_path):
     source = tmp_path / "checkout"
