@@ -338,6 +338,12 @@ def metric_history(target: TrackingTarget, key: str) -> list[float]:
     return [metric.value for metric in sorted(history, key=lambda metric: metric.step)]
 
 
+def metric_steps(target: TrackingTarget, key: str) -> set[int]:
+    """The steps at which ``target`` has logged metric ``key``."""
+    return {metric.step for metric in mlflow.MlflowClient(target.tracking_uri).get_metric_history(
+        target.run_id, key)}
+
+
 def tag_run(target: TrackingTarget, key: str, value: str) -> None:
     mlflow.MlflowClient(target.tracking_uri).set_tag(target.run_id, key, value)
 

@@ -80,6 +80,18 @@ def last_saved(config: TrainConfig, run_dir: Path) -> tuple[str, int] | None:
     return f"{folder}/{Path(result.checkpoint.path).name}", int(result.metrics["epoch"])
 
 
+def saved_epoch_metrics(config: TrainConfig, run_dir: Path) -> dict[str, Any] | None:
+    """The figures of the epoch a resumed run starts after (those its registered checkpoint
+    keeps), or None where there is no checkpoint."""
+    saved = last_saved(config, run_dir)
+    if saved is None:
+        return None
+    filesystem, path = resolve(saved[0])
+    with ray.train.Checkpoint(path, filesystem=filesystem).as_directory() as folder:
+        _, training = load_bundle(Path(folder) / CHECKPOINT_FILE)
+    return (training or {}).get("metrics")
+
+
 def checkpoint_config(checkpoint: str) -> tuple[dict[str, Any], int]:
     """The config a checkpoint was trained with (plain data) and its epoch."""
     filesystem, path = resolve(checkpoint)

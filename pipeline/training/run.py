@@ -32,14 +32,16 @@ from pipeline.runtime.tracking import (
     close_stale_runs,
     current_store,
     learning_rate_params,
+    log_epoch_metrics,
     log_metrics,
     log_params,
     log_run_config,
     log_served_model,
+    metric_steps,
     open_store,
 )
 from pipeline.training.config import TrainConfig
-from pipeline.training.resume import last_saved, run_to_continue
+from pipeline.training.resume import last_saved, run_to_continue, saved_epoch_metrics
 from pipeline.training.trainer import best_model_file, make_trainer
 from preprocessing.manifest import Manifest, read_manifest
 
@@ -89,9 +91,22 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False) -> TrainingR
     try:
         with active_run(name=None if continued else config.run.name, run_id=continued) as run:
             run_id = run.run_id
+            if continued:
+                log_unlogged_epoch(config, run_dir, run)
             return tracked_run(config, run_dir, manifest, run)
     except KeyboardInterrupt as err:
         raise TrainingInterrupted(config.run.name, run_id or "", last_saved(config, run_dir)) from err
+
+
+def log_unlogged_epoch(config: TrainConfig, run_dir: Path, run: TrackingTarget) -> None:
+    """A run stopped between Ray Train registering an epoch's checkpoint and that epoch reaching
+    MLflow (SIGTERM, a lost head) resumes after the epoch: its figures, kept in the checkpoint,
+    are logged now, so the curve holds every epoch once."""
+    metrics = saved_epoch_metrics(config, run_dir)
+    if metrics is not None and int(metrics["epoch"]) not in metric_steps(run, "val_nme"):
+        log_epoch_metrics(run, metrics)
+        LOG.info("epoch %d's figures logged from its checkpoint (the run stopped before they reached "
+                 "MLflow)", int(metrics["epoch"]))
 
 
 def tracked_run(config: TrainConfig, run_dir: Path, manifest: Manifest,

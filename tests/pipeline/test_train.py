@@ -124,3 +124,22 @@ def test_evaluate_pulls_the_champion_by_alias(first_run, tmp_path):
     assert (tmp_path / "pred" / "image00001_overlay.png").stat().st_size > 1000
     mesh = (tmp_path / "pred" / "image00001.obj").read_text().splitlines()
     assert sum(line.startswith("v ") for line in mesh) == 5802
+
+
+def test_an_epoch_checkpointed_but_not_logged_is_logged_from_its_checkpoint(shards, first_run):
+    """A stop between Ray Train registering an epoch's checkpoint and the epoch reaching MLflow:
+    the resumed run logs that epoch's figures from the checkpoint, once."""
+    from pipeline.runtime.tracking import TrackingTarget
+    from pipeline.training.run import log_unlogged_epoch
+
+    run_dir, result = first_run
+    store = result.tracking_uri
+    client = mlflow.MlflowClient(store)
+    experiment_id = client.get_experiment_by_name("mobile-frnet").experiment_id
+    bare = TrackingTarget(store, client.create_run(experiment_id, run_name="no-epochs-yet").info.run_id)
+    config = small_config(shards, "t1", epochs=2)
+    log_unlogged_epoch(config, run_dir, bare)
+    log_unlogged_epoch(config, run_dir, bare)
+    logged = client.get_metric_history(bare.run_id, "val_nme")
+    original = {m.step: m.value for m in client.get_metric_history(result.run_id, "val_nme")}
+    assert [(m.step, m.value) for m in logged] == [(2, pytest.approx(original[2]))]
