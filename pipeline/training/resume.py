@@ -23,6 +23,7 @@ from pipeline.runtime.cluster_storage import storage_location
 from pipeline.runtime.config import ConfigError, to_plain
 from pipeline.runtime.tracking import current_store, find_run_by_name, flatten, logged_params
 from pipeline.training.config import TrainConfig
+from pipeline.training.trainer import epoch_figures
 from pipeline.training.worker import CHECKPOINT_FILE
 from preprocessing.datasets import resolve
 
@@ -70,6 +71,20 @@ def last_saved(config: TrainConfig, run_dir: Path) -> tuple[str, int] | None:
     """The checkpoint a resumed run starts from (folder, epoch), or None: the latest that Ray
     Train registered. A run stopped while its workers report may leave newer folders that were
     never registered; a resumed run does not read those."""
+    saved = registered_checkpoint(config, run_dir)
+    return None if saved is None else (saved[0], int(saved[1]["epoch"]))
+
+
+def saved_epoch_metrics(config: TrainConfig, run_dir: Path) -> dict[str, Any] | None:
+    """The figures of the epoch a resumed run starts after (as rank 0 reported them with its
+    checkpoint, which Ray Train's record of the run keeps), or None where there is no checkpoint."""
+    saved = registered_checkpoint(config, run_dir)
+    return None if saved is None else epoch_figures(saved[1])
+
+
+def registered_checkpoint(config: TrainConfig, run_dir: Path) -> tuple[str, dict[str, Any]] | None:
+    """The latest checkpoint Ray Train registered for the run (folder, the metrics reported with
+    it), from its record of the run, or None."""
     folder = run_folder(config, run_dir)
     try:
         result = ray.train.Result.from_path(folder)
@@ -77,19 +92,7 @@ def last_saved(config: TrainConfig, run_dir: Path) -> tuple[str, int] | None:
         return None
     if result.checkpoint is None:
         return None
-    return f"{folder}/{Path(result.checkpoint.path).name}", int(result.metrics["epoch"])
-
-
-def saved_epoch_metrics(config: TrainConfig, run_dir: Path) -> dict[str, Any] | None:
-    """The figures of the epoch a resumed run starts after (those its registered checkpoint
-    keeps), or None where there is no checkpoint."""
-    saved = last_saved(config, run_dir)
-    if saved is None:
-        return None
-    filesystem, path = resolve(saved[0])
-    with ray.train.Checkpoint(path, filesystem=filesystem).as_directory() as folder:
-        _, training = load_bundle(Path(folder) / CHECKPOINT_FILE)
-    return (training or {}).get("metrics")
+    return f"{folder}/{Path(result.checkpoint.path).name}", result.metrics
 
 
 def checkpoint_config(checkpoint: str) -> tuple[dict[str, Any], int]:
