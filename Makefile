@@ -19,14 +19,19 @@ $(VENV)/.installed: pyproject.toml
 
 # Three tiers (tests/conftest.py): unit (no Ray, no subprocess), ray (+ a local Ray and frnet
 # commands), and everything (+ several nodes, the cluster launcher, the demo): what CI runs.
+# Each runs in TEST_PROCESSES pytest processes (pytest-xdist), a test module at a time per process
+# (its shared set-up stays in one process), the longest modules first (tests/conftest.py).
+TEST_PROCESSES ?= 2
+PYTEST := $(PY) -m pytest -q -ra -n $(TEST_PROCESSES) --dist loadfile --no-loadscope-reorder
+
 test: setup
-	$(PY) -m pytest -q -ra --durations=25 tests
+	$(PYTEST) --durations=25 tests
 
 test-ray: setup
-	$(PY) -m pytest -q -ra --durations=15 -m "not cluster" tests
+	$(PYTEST) --durations=15 -m "not cluster" tests
 
 test-unit: setup
-	FRNET_TEST_TIER=unit $(PY) -m pytest -q -ra --durations=10 -m "not ray and not cluster" tests
+	FRNET_TEST_TIER=unit $(PYTEST) --durations=10 -m "not ray and not cluster" tests
 
 lint: setup
 	$(VENV)/bin/ruff check models preprocessing pipeline tests benchmarks

@@ -26,7 +26,7 @@ from pipeline.runtime.cluster_storage import check_shared, preprocessing_folders
 from pipeline.runtime.config import ConfigError, load_config, with_overrides
 from pipeline.runtime.console import run_main
 from pipeline.runtime.paths import input_location, input_path, model_source
-from pipeline.runtime.ray_session import RayStartError, start_ray
+from pipeline.runtime.ray_session import RayStartError, check_num_cpus, start_ray
 from pipeline.runtime.stage_tools import setup_logging, stage_parser, write_json
 from preprocessing.dataflow import PreprocessConfig
 from preprocessing.datasets import resolve
@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
     try:
+        check_num_cpus(args.num_cpus)
         config = load_config(input_path(args.config, "--config"), PreprocessConfig)
         config = with_overrides(config, {"morphable_model": model_source(config.morphable_model,
                                                                           "morphable_model")}, "config")
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         aflw = manifest.aflw2000.counts
         print(f"AFLW2000-3D: {aflw['inputs']} files: {aflw['written']} written, "
               f"{aflw['quarantined']} quarantined, {aflw['skipped']} skipped")
-    print(f"Manifest: {manifest.output}/{MANIFEST_FILE}")
+    where = args.output.rstrip("/") if "://" in args.output else manifest.output
+    print(f"Manifest: {where}/{MANIFEST_FILE}")
     figures = {"counts": counts, "bytes_per_image": mean_bytes_per_image(*resolve(args.output)),
                "image_format": manifest.image_format}
     write_json(args.json, figures)

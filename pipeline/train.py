@@ -25,10 +25,10 @@ from pipeline.registration.gate import registration_scope, yaw_cells
 from pipeline.runtime.config import ConfigError, load_config, with_overrides
 from pipeline.runtime.console import run_main
 from pipeline.runtime.paths import input_path, shards_location
-from pipeline.runtime.ray_session import RayStartError, start_ray
+from pipeline.runtime.ray_session import RayStartError, check_num_cpus, start_ray
 from pipeline.runtime.stage_tools import setup_logging, stage_parser, write_json
 from pipeline.training.config import TrainConfig
-from pipeline.training.run import TrainingInterrupted, TrainingResult, train
+from pipeline.training.run import TrainingInterrupted, TrainingResult, plan_run, train
 
 LOG = logging.getLogger("frnet.train")
 # The shell's status for a command stopped by Ctrl-C (128 + SIGINT).
@@ -119,22 +119,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    """The run of the parsed arguments; its exit status."""
+    """The run of the parsed arguments; its exit status. Every check that needs no Ray (the
+    config, the shards, the run name) answers before Ray starts."""
     try:
+        check_num_cpus(args.num_cpus)
         config = load_train_config(args)
+        plan = plan_run(config, args.run_dir, resume=args.resume)
         start_ray(args.num_cpus, logging_level=logging.WARNING)
-    except (ConfigError, RayStartError) as err:
+    except (ConfigError, RayStartError) as err:  # RayStartError: --num-cpus with a cluster to join
         LOG.error("%s", err)
         return 2
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    try:
-        result = train(config, args.run_dir, resume=args.resume)
-    except ConfigError as err:  # a run name in use, or a run that cannot be resumed
-        LOG.error("%s", err)
-        return 2
-    except ShardError as err:  # found before training: no MLflow run was started
+    except (ShardError, FileNotFoundError, ValueError) as err:  # shards unlike their manifest, or none
         LOG.error("%s", err)
         return 1
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        result = train(config, args.run_dir, resume=args.resume, plan=plan)
+    except ConfigError as err:
+        LOG.error("%s", err)
+        return 2
     except Exception as err:
         failure = shard_read_failure(err)  # met while training, wrapped by Ray Data and Ray Train
         if failure is not None:

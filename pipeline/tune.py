@@ -24,7 +24,7 @@ from pipeline.registration.gate import registration_scope
 from pipeline.runtime.config import ConfigError
 from pipeline.runtime.console import run_main
 from pipeline.runtime.paths import input_path, shards_location
-from pipeline.runtime.ray_session import RayStartError, start_ray
+from pipeline.runtime.ray_session import RayStartError, check_num_cpus, start_ray
 from pipeline.runtime.stage_tools import setup_logging, stage_parser, write_json
 from pipeline.sweeps.config import load_sweep_config, plan_sweep
 from pipeline.sweeps.run import SweepInterrupted, SweepRequest, SweepResult, run_sweep
@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
     try:  # the paths the command line names, before Ray starts
+        check_num_cpus(args.num_cpus)
         request = SweepRequest(config=input_path(args.config, "--config"),
                                space=None if args.space is None else input_path(args.space, "--space"),
                                run_dir=args.run_dir, storage=args.storage, name=args.name,

@@ -18,6 +18,12 @@ SHARED_DATA = Path(os.environ.get("FRNET_SHARED_DATA", REPO_ROOT.parent / "share
 # Ray sessions and `frnet` commands they start (which inherit this), look four times as often.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
+# With the suite spread over several pytest processes (make test), each process's thread pools
+# (torch's, OpenMP's) get an even share of the cores, inherited by the commands it starts: pools
+# sized for the whole machine in every process spin against each other.
+if (PROCESSES := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // PROCESSES)))
+
 
 def shared_path(*parts: str) -> Path:
     """A path under the reference data folder, or a skip naming what is missing."""
@@ -109,10 +115,26 @@ def box_iou(a, b) -> float:
 TIER_VARIABLE = "FRNET_TEST_TIER"
 
 
+# The longest modules, longest first (their time in the full tier on 2 cores): run over several
+# pytest processes a module at a time (make test), they start first, so that the last module to
+# start is a short one. Every other module follows in its usual order.
+LONGEST_MODULES = ("pipeline/test_two_nodes.py", "pipeline/test_tune.py", "pipeline/test_train_faults.py",
+                   "pipeline/test_train_processes.py", "pipeline/test_onprem_cluster.py",
+                   "pipeline/test_train.py", "pipeline/test_cli.py", "pipeline/test_s3.py",
+                   "pipeline/test_batch_mixing.py",
+                   "preprocessing/test_preprocess.py", "pipeline/test_registry_pull.py")
+
+
+def module_rank(item) -> int:
+    path = item.path.relative_to(Path(__file__).parent).as_posix()
+    return LONGEST_MODULES.index(path) if path in LONGEST_MODULES else len(LONGEST_MODULES)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if "ray_local" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("cluster"):
             item.add_marker(pytest.mark.ray)
+    items.sort(key=module_rank)  # stable: each module's tests stay together, in their order
 
 
 @pytest.fixture(autouse=True)

@@ -38,6 +38,17 @@ def cluster_to_join() -> tuple[str, str] | None:
     return None
 
 
+def check_num_cpus(num_cpus: int | None) -> None:
+    """Refuse (RayStartError) ``num_cpus`` where :func:`start_ray` would join a cluster: it only
+    sizes a Ray started here. Every stage checks it first, before reading anything else."""
+    cluster = cluster_to_join()
+    if cluster is not None and num_cpus is not None:
+        address, found_in = cluster
+        raise RayStartError(
+            f"--num-cpus {num_cpus} sizes a local Ray, but a Ray cluster is running at {address} "
+            f"(from {found_in}): leave out --num-cpus to use that cluster, or stop it first")
+
+
 def start_ray(num_cpus: int | None = None, dashboard: bool = True, **kwargs: Any) -> None:
     """Join the running cluster, or start a local Ray on ``num_cpus`` CPUs (default: all).
 
@@ -58,13 +69,10 @@ def start_ray(num_cpus: int | None = None, dashboard: bool = True, **kwargs: Any
 def init_ray(num_cpus: int | None, dashboard: bool, environment: dict[str, str],
              kwargs: dict[str, Any]) -> None:
     """``ray.init`` as :func:`start_ray` describes, the workers handed ``environment``."""
+    check_num_cpus(num_cpus)
     cluster = cluster_to_join()
     if cluster is not None:
         address, found_in = cluster
-        if num_cpus is not None:
-            raise RayStartError(
-                f"--num-cpus {num_cpus} sizes a local Ray, but a Ray cluster is running at {address} "
-                f"(from {found_in}): leave out --num-cpus to use that cluster, or stop it first")
         LOG.info("joining the Ray cluster at %s (from %s)", address, found_in)
         ray.init(address=address, runtime_env={"env_vars": environment}, **kwargs)
         return

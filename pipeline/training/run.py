@@ -76,17 +76,37 @@ class TrainingInterrupted(Exception):
         self.name, self.run_id, self.saved = name, run_id, saved
 
 
-def train(config: TrainConfig, run_dir: Path, resume: bool = False) -> TrainingResult:
-    """Train, log to MLflow and write the best model file; returns what the run left. A
-    ConfigError refuses a run name in use (without ``resume``) or a run that cannot be resumed;
-    a ShardError, shards that are not what the manifest says; TrainingInterrupted, Ctrl-C."""
+@dataclass(frozen=True)
+class RunPlan:
+    """What :func:`plan_run` found before any Ray work: the run's folder, its shards' manifest
+    and the MLflow run it continues (None: a new run)."""
+
+    run_dir: Path
+    manifest: Manifest
+    continued: str | None
+
+
+def plan_run(config: TrainConfig, run_dir: Path, resume: bool = False) -> RunPlan:
+    """The checks that need no Ray, so a refused run is told in seconds: the shard files against
+    their manifest (a ShardError), the tracking store opened (runs left RUNNING by a driver killed
+    hard marked KILLED), and the run name (a ConfigError: in use without ``resume``, or a run
+    that cannot be resumed)."""
     run_dir = run_dir.resolve()
     manifest = read_manifest(config.data.shards)
     check_shards(config.data.shards, manifest)
-    check_shared(training_folders("run.storage_path", config.run.storage_path, run_dir, config.data.shards))
     experiment_id = open_store(config.mlflow.tracking_uri, run_dir, config.mlflow.experiment)
     close_stale_runs(experiment_id)
-    continued = run_to_continue(config, run_dir, experiment_id, resume)
+    return RunPlan(run_dir, manifest, run_to_continue(config, run_dir, experiment_id, resume))
+
+
+def train(config: TrainConfig, run_dir: Path, resume: bool = False,
+          plan: RunPlan | None = None) -> TrainingResult:
+    """Train, log to MLflow and write the best model file; returns what the run left. The
+    checks of :func:`plan_run` come first (``plan``: made already, with the same arguments), then
+    the folders every node must see (on a cluster); TrainingInterrupted reports Ctrl-C."""
+    plan = plan_run(config, run_dir, resume) if plan is None else plan
+    run_dir, manifest, continued = plan.run_dir, plan.manifest, plan.continued
+    check_shared(training_folders("run.storage_path", config.run.storage_path, run_dir, config.data.shards))
     run_id = continued
     try:
         with active_run(name=None if continued else config.run.name, run_id=continued) as run:
