@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--n", type=int,
                         help="images (300W-LP: in the unflipped folders; the _Flip folders double it)")
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--out", required=True, help="output folder or URI (s3://bucket/prefix)")
     parser.add_argument("--views", type=int, help="300W-LP: profile views per source face (default 4)")
     parser.add_argument("--no-flip", action="store_true", help="300W-LP: skip the _Flip folders")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes")

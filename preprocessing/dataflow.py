@@ -140,9 +140,17 @@ class ShardJob:
 
     index: int
     refs: list[SampleRef]
-    root: str
+    root: str  # paths on their filesystems
     output: str
     kind: Literal["train", "aflw2000"]
+    # Where the two are (a folder, or a URI such as s3://bucket/prefix): each task opens the
+    # filesystems from these; empty for local folders.
+    root_location: str = ""
+    output_location: str = ""
+
+    def filesystems(self) -> tuple[pafs.FileSystem, pafs.FileSystem]:
+        """(the input's filesystem, the output's)."""
+        return resolve(self.root_location or self.root)[0], resolve(self.output_location or self.output)[0]
 
     @property
     def key(self) -> str:
@@ -190,8 +198,8 @@ class ShardProcessor:
         self.mirror = mirror_map(self.model) if needs_mirror else None
 
     def __call__(self, job: ShardJob) -> dict[str, Any]:
-        filesystem, _ = resolve(job.output)
-        _, root = resolve(job.root)
+        source, filesystem = job.filesystems()
+        root = job.root
         name = f"part-{job.index:05d}.parquet"
         if job.kind == "aflw2000":
             writers = {"aflw2000": AtomicParquetWriter(
@@ -208,7 +216,7 @@ class ShardProcessor:
         try:
             for start in range(0, len(job.refs), self.config.batch_size):
                 batch = job.refs[start:start + self.config.batch_size]
-                self._process_batch(filesystem, root, job, batch, writers, summary, train_labels)
+                self._process_batch(source, root, job, batch, writers, summary, train_labels)
         except BaseException:
             for writer in writers.values():
                 writer.abort()
@@ -357,8 +365,13 @@ class ShardProcessor:
 
 
 def shard_jobs(refs: list[SampleRef], root: str, output: str, per_shard: int, kind: str) -> list[ShardJob]:
-    """``refs`` cut into shards of ``per_shard`` sources, in the order given."""
-    return [ShardJob(index=k, refs=refs[start:start + per_shard], root=root, output=output, kind=kind)
+    """``refs`` cut into shards of ``per_shard`` sources, in the order given; ``root`` and
+    ``output`` are locations (folders or URIs)."""
+    (_, root_path), (_, output_path) = resolve(root), resolve(output)
+    uri = {"root_location": root if "://" in root else "",
+           "output_location": output if "://" in output else ""}
+    return [ShardJob(index=k, refs=refs[start:start + per_shard], root=root_path, output=output_path,
+                     kind=kind, **uri)
             for k, start in enumerate(range(0, len(refs), per_shard))]
 
 
@@ -432,8 +445,7 @@ def process_shards(batch: dict[str, np.ndarray], jobs: dict[str, ShardJob], conf
         summary["worker"] = worker
         record = {**summary, "config_digest": processor.config.digest(),
                   "sources_digest": job.sources_digest()}
-        filesystem, _ = resolve(job.output)
-        write_json(filesystem, f"{job.output}/_shards/{job.key}.json", record)
+        write_json(job.filesystems()[1], f"{job.output}/_shards/{job.key}.json", record)
         summaries.append(json.dumps(record))
     return {"summary": summaries}
 

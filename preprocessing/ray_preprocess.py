@@ -189,9 +189,9 @@ def run_preprocess(
         eval_refs, eval_skipped = eval_scan.refs, _skipped_rows(eval_scan, eval_root)
         eval_listed = _listing_rows(eval_scan, eval_root, strict)
     _prepare_output(filesystem, out_path, config, in_path, overwrite)
-    jobs = shard_jobs(dealt_sources(refs, config), in_path, out_path, config.sources_per_shard, "train")
+    jobs = shard_jobs(dealt_sources(refs, config), input_root, output, config.sources_per_shard, "train")
     if aflw2000_root:
-        jobs += shard_jobs(eval_refs, eval_root, out_path, config.sources_per_shard, "aflw2000")
+        jobs += shard_jobs(eval_refs, aflw2000_root, output, config.sources_per_shard, "aflw2000")
     if workers is None:
         workers = max(1, int(ray.cluster_resources().get("CPU", 1) // config.num_cpus_per_task))
     LOG.info("%d source files (+%d AFLW2000-3D) in %d shards, %d workers", len(refs), len(eval_refs),

@@ -18,6 +18,7 @@ What differs from the real datasets, by design:
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -32,6 +33,7 @@ from typing import Annotated, Literal
 
 import cv2
 import numpy as np
+import pyarrow.fs as pafs
 import scipy.io
 
 from models.frame import crop_image, landmark_crop_box, reflect
@@ -40,8 +42,9 @@ from models.mirror import mirror_map
 from models.params import NUM_EXPRESSION, NUM_SHAPE, rotation_from_angles
 from models.synthetic_face import SyntheticHead, build_synthetic_head
 from preprocessing.config_rules import AT_LEAST_1, JPEG_QUALITY, SEED_RANGE, Range, check_fields
-from preprocessing.datasets import SUBSETS_300W_LP
+from preprocessing.datasets import SUBSETS_300W_LP, resolve
 from preprocessing.render import Lighting, random_background, random_lighting, render_mesh
+from preprocessing.shards import write_bytes_atomic
 
 LOG = logging.getLogger(__name__)
 Layout = Literal["300w-lp", "aflw2000-3d"]
@@ -289,30 +292,30 @@ def _encode_mat(fields: dict) -> bytes:
     return _MAT_HEADER_TEXT.ljust(_MAT_HEADER_LENGTH, b" ") + data[_MAT_HEADER_LENGTH:]
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    temporary = path.with_name(path.name + ".part")
-    temporary.write_bytes(data)
-    temporary.replace(path)
-
-
-def write_sample(head: SyntheticHead, spec: FaceSpec, out_dir: Path, config: SynthConfig) -> None:
-    """Render one face and write its .jpg and .mat (and 300W-LP landmark file)."""
+def write_sample(head: SyntheticHead, spec: FaceSpec, out: str, config: SynthConfig) -> None:
+    """Render one face and write its .jpg and .mat (and 300W-LP landmark file) under ``out`` (a
+    folder or a filesystem URI such as ``s3://bucket/prefix``), each file whole or not at all."""
     image, vertices = render_face(head, spec)
     ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, config.jpeg_quality])
     if not ok:
         raise RuntimeError(f"JPEG encoding failed for {spec.relative_stem}")
-    stem_path = out_dir / spec.relative_stem
-    stem_path.parent.mkdir(parents=True, exist_ok=True)
+    filesystem, base = _output(out)
+    stem_path = f"{base}/{spec.relative_stem}"
     fields = _mat_fields(head, spec, vertices, config.layout)
     # The .mat last: a folder interrupted mid-write never holds a .mat without its image.
-    _write_atomic(stem_path.with_suffix(".jpg"), encoded.tobytes())
-    _write_atomic(stem_path.with_suffix(".mat"), _encode_mat(fields))
+    write_bytes_atomic(filesystem, f"{stem_path}.jpg", encoded.tobytes())
+    write_bytes_atomic(filesystem, f"{stem_path}.mat", _encode_mat(fields))
     if spec.write_landmark_file:
         subset, stem = spec.relative_stem.split("/")
-        landmark_path = out_dir / "landmarks" / subset / f"{stem}_pts.mat"
-        landmark_path.parent.mkdir(parents=True, exist_ok=True)
         points = fields["pt2d"].T
-        _write_atomic(landmark_path, _encode_mat({"pts_2d": points, "pts_3d": points}))
+        write_bytes_atomic(filesystem, f"{base}/landmarks/{subset}/{stem}_pts.mat",
+                           _encode_mat({"pts_2d": points, "pts_3d": points}))
+
+
+@functools.cache
+def _output(out: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and base path of an output location, opened once per process."""
+    return resolve(out)
 
 
 _WORKER_HEAD: SyntheticHead | None = None
@@ -325,7 +328,7 @@ def _init_worker() -> None:
     _WORKER_HEAD = build_synthetic_head()
 
 
-def _write_one(args: tuple[FaceSpec, Path, SynthConfig]) -> str:
+def _write_one(args: tuple[FaceSpec, str, SynthConfig]) -> str:
     spec, out_dir, config = args
     assert _WORKER_HEAD is not None
     write_sample(_WORKER_HEAD, spec, out_dir, config)
@@ -333,18 +336,20 @@ def _write_one(args: tuple[FaceSpec, Path, SynthConfig]) -> str:
 
 
 def generate(
-    config: SynthConfig, out_dir: Path, workers: int = 1,
+    config: SynthConfig, out_dir: str | Path, workers: int = 1,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Write a synthetic dataset into ``out_dir``; returns its figures (counts, images/s).
+    """Write a synthetic dataset into ``out_dir`` (a folder, or a filesystem URI such as
+    ``s3://bucket/prefix``); returns its figures (counts, images/s).
 
     Files are written under deterministic names, each atomically, so a re-run with the same
     config overwrites rather than duplicates.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    filesystem, base = _output(str(out_dir))
+    out_dir = str(out_dir)
+    filesystem.create_dir(base, recursive=True)
     head = build_synthetic_head()
     specs = face_specs(config, head)
     started = time.perf_counter()
@@ -372,5 +377,5 @@ def generate(
         "config": asdict(config),
         "synthetic": True,
     }
-    (out_dir / "synth.json").write_text(json.dumps(figures, indent=2) + "\n")
+    write_bytes_atomic(filesystem, f"{base}/synth.json", (json.dumps(figures, indent=2) + "\n").encode())
     return figures

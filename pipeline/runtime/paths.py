@@ -11,10 +11,15 @@ URIs (``s3://...``) are used as they are. Outputs are written relative to the cu
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import pyarrow.fs as pafs
 
 from models.face_models import map_paths
 from pipeline.runtime.config import ConfigError
+from preprocessing.datasets import resolve
+from preprocessing.manifest import MANIFEST_FILE
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 # For every stage's --help.
@@ -34,8 +39,37 @@ def input_path(path: str | Path, what: str) -> Path:
 
 
 def input_location(location: str, what: str) -> str:
-    """``input_path`` for a folder that may also be given as a URI (kept as it is)."""
-    return location if "://" in location else str(input_path(location, what))
+    """``input_path`` for a folder that may also be given as a URI (kept as it is, once it is
+    known to hold something: see :func:`uri_problem`)."""
+    if "://" not in location:
+        return str(input_path(location, what))
+    problem = uri_problem(location)
+    if problem is not None:
+        raise ConfigError(f"{what} {location}: {problem}")
+    return location
+
+
+def uri_problem(location: str) -> str | None:
+    """Why nothing can be read at the URI ``location`` (None: an object or a prefix holding
+    objects is there): no such bucket, nothing under the prefix, or the storage's own answer (an
+    endpoint that does not answer, credentials it refuses). The endpoint is named, never a key."""
+    try:
+        filesystem, path = pafs.FileSystem.from_uri(location)
+        if filesystem.get_file_info(path).type != pafs.FileType.NotFound:
+            return None
+        bucket = path.split("/", 1)[0]
+        if isinstance(filesystem, pafs.S3FileSystem) and bucket != path \
+                and filesystem.get_file_info(bucket).type == pafs.FileType.NotFound:
+            return f"no bucket {bucket!r} at {s3_endpoint()}"
+        return "nothing there"
+    except (OSError, ValueError) as err:
+        reason = " ".join(str(err).split())
+        return f"cannot be read at {s3_endpoint()}: {reason}" if location.startswith("s3://") else reason
+
+
+def s3_endpoint() -> str:
+    """Where ``s3://`` URIs go: the endpoint the AWS variables name, else AWS itself."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
 
 
 SHARDS_HINT = ("shards are what `frnet preprocess --output DIR` writes (`make demo` makes a small set in "
@@ -43,13 +77,19 @@ SHARDS_HINT = ("shards are what `frnet preprocess --output DIR` writes (`make de
 
 
 def shards_location(location: str, flag_given: bool, config: Path | str) -> str:
-    """``input_location`` for a training config's ``data.shards``; a missing folder is refused
-    naming where the value came from (the flag, or the key in ``config``) and what makes shards."""
+    """``input_location`` for a training config's ``data.shards``; a location that is missing or
+    holds no shard manifest is refused naming where the value came from (the flag, or the key in
+    ``config``) and what makes shards."""
     what = "--shards" if flag_given else f"data.shards (from {config})"
     try:
-        return input_location(location, what)
+        found = input_location(location, what)
     except ConfigError as err:
         raise ConfigError(f"{err}; {SHARDS_HINT}") from err
+    filesystem, root = resolve(found)
+    if filesystem.get_file_info(f"{root}/{MANIFEST_FILE}").type != pafs.FileType.File:
+        raise ConfigError(f"{what} {location}: no {MANIFEST_FILE} there (not a `frnet preprocess` output); "
+                          f"{SHARDS_HINT}")
+    return found
 
 
 def model_source(source: str, what: str) -> str:

@@ -1,0 +1,122 @@
+"""Every stage on S3-compatible object storage, against a real S3 endpoint on loopback (see
+:mod:`tests.pipeline.s3_harness`), with no folder shared between the stages: `frnet synth` writes
+the raw datasets to a bucket, `frnet preprocess` reads them there and publishes its shards there,
+`frnet train` reads the shards there and keeps its checkpoints there. The commands are the
+user's, run as subprocesses with only the AWS variables pointing them at the endpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+import yaml
+
+from tests.pipeline.cluster_harness import FOREIGN_ENV, VENV_BIN, free_ports
+from tests.pipeline.s3_harness import S3Endpoint, s3_endpoint
+
+pytestmark = pytest.mark.ray
+BUCKET = "frnet-chain"
+PREPROCESS = {"morphable_model": "synthetic", "val_fraction": 0.3, "sources_per_shard": 16,
+              "augment": {"copies": 1}}
+TRAIN = {"epochs": 2, "model": {"width": 0.25},
+         "data": {"batch_size": 8, "shuffle_buffer": 16, "eval_batch_size": 16},
+         "optim": {"name": "adamw", "lr": 0.001, "warmup_epochs": 0},
+         "run": {"name": "on-s3", "max_failures": 0}}
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory) -> S3Endpoint:
+    with s3_endpoint(tmp_path_factory.mktemp("s3-server")) as (endpoint, _):
+        yield endpoint
+
+
+def frnet(endpoint_env: dict[str, str], args: list[str], cwd: Path, timeout: float = 600) -> tuple[int, str]:
+    """``frnet ARGS`` in a clean environment plus ``endpoint_env``; (exit status, output)."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in FOREIGN_ENV and not key.startswith("AWS_")} | endpoint_env
+    result = subprocess.run([str(VENV_BIN / "frnet"), *args], cwd=cwd, env=env, capture_output=True,
+                            text=True, timeout=timeout)
+    return result.returncode, result.stdout + result.stderr
+
+
+def objects(filesystem: pafs.FileSystem, prefix: str) -> list[str]:
+    """The object keys under ``prefix`` (bucket/...), relative to it."""
+    infos = filesystem.get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=True))
+    return sorted(info.path.removeprefix(prefix + "/") for info in infos if info.type == pafs.FileType.File)
+
+
+@pytest.fixture(scope="module")
+def chain(s3, tmp_path_factory):
+    """synth -> preprocess -> train, every path an s3:// URI; each command's (status, output)."""
+    work = tmp_path_factory.mktemp("s3-chain")
+    root = s3.make_bucket(BUCKET)
+    (work / "preprocess.yaml").write_text(yaml.safe_dump(PREPROCESS))
+    (work / "train.yaml").write_text(yaml.safe_dump(TRAIN))
+    steps = {}
+    steps["synth"] = frnet(s3.env, ["synth", "--layout", "300w-lp", "--n", "12", "--views", "2", "--seed",
+                                    "3", "--workers", "1", "--out", f"{root}/raw/300W_LP"], work)
+    steps["synth-aflw"] = frnet(s3.env, ["synth", "--layout", "aflw2000-3d", "--n", "4", "--seed", "4",
+                                         "--workers", "1", "--out", f"{root}/raw/AFLW2000"], work)
+    steps["preprocess"] = frnet(s3.env, ["preprocess", "--input", f"{root}/raw/300W_LP", "--aflw2000",
+                                         f"{root}/raw/AFLW2000", "--output", f"{root}/shards", "--config",
+                                         "preprocess.yaml", "--num-cpus", "2"], work)
+    started = time.monotonic()
+    steps["train"] = frnet(s3.env, ["train", "--config", "train.yaml", "--shards", f"{root}/shards",
+                                    "--storage", f"{root}/ray", "--run-dir", "run", "--num-cpus", "2",
+                                    "--json", "train.json"], work)
+    return {"work": work, "steps": steps, "train_seconds": time.monotonic() - started}
+
+
+def test_synth_writes_the_raw_datasets_to_the_bucket(s3, chain):
+    status, output = chain["steps"]["synth"]
+    assert status == 0, output[-3000:]
+    raw = objects(s3.filesystem(), f"{BUCKET}/raw/300W_LP")
+    # 12 images (6 faces x 2 views), each a .jpg and a .mat, in a 300W-LP subset folder and its _Flip twin,
+    # the unflipped ones with their landmark file; and the figures file.
+    assert sum(key.endswith(".jpg") for key in raw) == 24 and sum(key.endswith(".mat") for key in raw) == 36
+    assert "synth.json" in raw and not any(key.endswith(".part") for key in raw)
+    assert not (chain["work"] / "s3:").exists()  # nothing written beside the command
+
+
+def test_preprocess_publishes_shards_and_manifest_on_s3(s3, chain):
+    status, output = chain["steps"]["preprocess"]
+    assert status == 0, output[-3000:]
+    filesystem = s3.filesystem()
+    with filesystem.open_input_stream(f"{BUCKET}/shards/manifest.json") as stream:
+        manifest = json.loads(stream.read())
+    assert manifest["counts"]["inputs"] == 24 and manifest["counts"]["written"] == 24
+    assert manifest["aflw2000"]["counts"]["written"] == 4
+    shards = [key for key in objects(filesystem, f"{BUCKET}/shards") if key.endswith(".parquet")]
+    assert shards and not any(key.endswith(".part") for key in objects(filesystem, f"{BUCKET}/shards"))
+
+
+def test_train_reads_shards_and_keeps_checkpoints_on_s3(s3, chain):
+    status, output = chain["steps"]["train"]
+    assert status == 0, output[-3000:]
+    figures = json.loads((chain["work"] / "train.json").read_text())
+    assert figures["best"]["epoch"] in (1, 2) and figures["champion"]
+    stored = objects(s3.filesystem(), f"{BUCKET}/ray/on-s3")
+    assert any(key.startswith("checkpoint_") for key in stored), stored[:20]
+    assert not (chain["work"] / "run" / "ray").exists()  # the checkpoints went to the bucket only
+
+
+@pytest.mark.parametrize("case", ["no bucket", "no manifest", "no endpoint"])
+def test_bad_shard_locations_are_one_line_before_ray(s3, chain, case):
+    """Refused before Ray starts (exit 2), in one line that names the URI and the reason."""
+    env, shards = dict(s3.env), f"s3://{BUCKET}/not-shards"
+    if case == "no bucket":
+        shards = "s3://no-such-bucket/shards"
+    elif case == "no endpoint":
+        closed = f"http://127.0.0.1:{free_ports(1)[0]}"
+        env.update(AWS_ENDPOINT_URL=closed, MLFLOW_S3_ENDPOINT_URL=closed)
+        shards = f"s3://{BUCKET}/shards"
+    status, output = frnet(env, ["train", "--config", "train.yaml", "--shards", shards, "--run-dir",
+                                 f"refused-{case.replace(' ', '-')}", "--num-cpus", "2"], chain["work"], 180)
+    errors = [line for line in output.splitlines() if " ERROR " in line]
+    assert status == 2 and len(errors) == 1 and shards in errors[0], output[-3000:]
+    assert "Traceback" not in output and "Started a local Ray" not in output
