@@ -25,7 +25,7 @@ import ray
 from pipeline.runtime.cluster_storage import check_shared, preprocessing_folders
 from pipeline.runtime.config import ConfigError, load_config, with_overrides
 from pipeline.runtime.console import run_main
-from pipeline.runtime.paths import input_location, input_path, model_source
+from pipeline.runtime.paths import input_path, model_source, readable_location
 from pipeline.runtime.ray_session import RayStartError, check_num_cpus, start_ray
 from pipeline.runtime.stage_tools import setup_logging, stage_parser, write_json
 from preprocessing.dataflow import PreprocessConfig
@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(input_path(args.config, "--config"), PreprocessConfig)
         config = with_overrides(config, {"morphable_model": model_source(config.morphable_model,
                                                                           "morphable_model")}, "config")
-        source = input_location(args.input, "--input")
-        aflw2000 = None if args.aflw2000 is None else input_location(args.aflw2000, "--aflw2000")
+        source = readable_location(args.input, "--input")
+        aflw2000 = None if args.aflw2000 is None else readable_location(args.aflw2000, "--aflw2000")
         start_ray(args.num_cpus, dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     except (ConfigError, RayStartError) as err:
         LOG.error("%s", err)

@@ -24,7 +24,7 @@ from pipeline.data.shard_reader import ShardError, shard_read_failure
 from pipeline.registration.gate import registration_scope, yaw_cells
 from pipeline.runtime.config import ConfigError, load_config, with_overrides
 from pipeline.runtime.console import run_main
-from pipeline.runtime.paths import input_path, shards_location
+from pipeline.runtime.paths import check_shards_readable, input_path, shards_location, shards_source
 from pipeline.runtime.ray_session import RayStartError, check_num_cpus, start_ray
 from pipeline.runtime.stage_tools import setup_logging, stage_parser, write_json
 from pipeline.training.config import TrainConfig
@@ -124,6 +124,7 @@ def train_command(args: argparse.Namespace) -> int:
     try:
         check_num_cpus(args.num_cpus)
         config = load_train_config(args)
+        check_shards_readable(config.data.shards, shards_source(args.shards is not None, args.config))
         plan = plan_run(config, args.run_dir, resume=args.resume)
         start_ray(args.num_cpus, logging_level=logging.WARNING)
     except (ConfigError, RayStartError) as err:  # RayStartError: --num-cpus with a cluster to join

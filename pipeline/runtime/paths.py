@@ -39,14 +39,18 @@ def input_path(path: str | Path, what: str) -> Path:
 
 
 def input_location(location: str, what: str) -> str:
-    """``input_path`` for a folder that may also be given as a URI (kept as it is, once it is
-    known to hold something: see :func:`uri_problem`)."""
-    if "://" not in location:
-        return str(input_path(location, what))
-    problem = uri_problem(location)
+    """``input_path`` for a folder that may also be given as a URI (kept as it is)."""
+    return location if "://" in location else str(input_path(location, what))
+
+
+def readable_location(location: str, what: str) -> str:
+    """``input_location``, a URI checked to hold something (see :func:`uri_problem`): the
+    commands' own check before Ray starts (loading a config never reaches the network)."""
+    found = input_location(location, what)
+    problem = uri_problem(found) if "://" in found else None
     if problem is not None:
         raise ConfigError(f"{what} {location}: {problem}")
-    return location
+    return found
 
 
 def uri_problem(location: str) -> str | None:
@@ -77,19 +81,29 @@ SHARDS_HINT = ("shards are what `frnet preprocess --output DIR` writes (`make de
 
 
 def shards_location(location: str, flag_given: bool, config: Path | str) -> str:
-    """``input_location`` for a training config's ``data.shards``; a location that is missing or
-    holds no shard manifest is refused naming where the value came from (the flag, or the key in
-    ``config``) and what makes shards."""
-    what = "--shards" if flag_given else f"data.shards (from {config})"
+    """``input_location`` for a training config's ``data.shards``; a missing folder is refused
+    naming where the value came from (the flag, or the key in ``config``) and what makes shards."""
     try:
-        found = input_location(location, what)
+        return input_location(location, shards_source(flag_given, config))
     except ConfigError as err:
         raise ConfigError(f"{err}; {SHARDS_HINT}") from err
-    filesystem, root = resolve(found)
-    if filesystem.get_file_info(f"{root}/{MANIFEST_FILE}").type != pafs.FileType.File:
-        raise ConfigError(f"{what} {location}: no {MANIFEST_FILE} there (not a `frnet preprocess` output); "
-                          f"{SHARDS_HINT}")
-    return found
+
+
+def shards_source(flag_given: bool, config: Path | str) -> str:
+    return "--shards" if flag_given else f"data.shards (from {config})"
+
+
+def check_shards_readable(location: str, what: str) -> None:
+    """Refuse (ConfigError) shards that cannot be read where they are said to be: a URI that
+    holds nothing readable, or a location without a shard manifest."""
+    try:
+        readable_location(location, what)
+        filesystem, root = resolve(location)
+        if filesystem.get_file_info(f"{root}/{MANIFEST_FILE}").type != pafs.FileType.File:
+            raise ConfigError(f"{what} {location}: no {MANIFEST_FILE} there (not a `frnet preprocess` "
+                              "output)")
+    except ConfigError as err:
+        raise ConfigError(f"{err}; {SHARDS_HINT}") from err
 
 
 def model_source(source: str, what: str) -> str:
