@@ -20,7 +20,7 @@ from pathlib import Path
 
 import ray
 
-from pipeline.data.shard_reader import ShardError, shard_read_failure
+from pipeline.data.shard_reader import shard_read_failure
 from pipeline.registration.gate import registration_scope, yaw_cells
 from pipeline.runtime.config import ConfigError, load_config, with_overrides
 from pipeline.runtime.console import run_main
@@ -130,7 +130,7 @@ def train_command(args: argparse.Namespace) -> int:
     except (ConfigError, RayStartError) as err:  # RayStartError: --num-cpus with a cluster to join
         LOG.error("%s", err)
         return 2
-    except (ShardError, FileNotFoundError, ValueError) as err:  # shards unlike their manifest, or none
+    except (FileNotFoundError, ValueError) as err:  # a ShardError: shards unlike their manifest
         LOG.error("%s", err)
         return 1
     ray.data.DataContext.get_current().enable_progress_bars = False
