@@ -52,6 +52,7 @@ from pipeline.evaluation.scoring import (
     score_aflw,
 )
 from pipeline.runtime.console import run_main
+from pipeline.runtime.paths import readable_location
 from pipeline.runtime.stage_tools import progress_logger, setup_logging, stage_parser, write_json
 from preprocessing.benchmark_sets import Aflw2000Protocol, AflwSet
 from preprocessing.datasets import SampleRef, list_aflw2000
@@ -63,8 +64,9 @@ LOG = logging.getLogger("frnet.evaluate")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = stage_parser("frnet evaluate", __doc__)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", type=Path,
-                        help="the project's model file, or with --arch a network checkpoint")
+    source.add_argument("--checkpoint",
+                        help="the project's model file, or with --arch a network checkpoint (a path or "
+                             "an s3:// URI)")
     source.add_argument("--model-uri", help="a registered model, e.g. models:/mobile-frnet@champion")
     parser.add_argument("--tracking-uri", help="with --model-uri: the MLflow store "
                                                "(default: $MLFLOW_TRACKING_URI)")
@@ -73,7 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--width", type=float, default=1.0, help="with --arch: width multiplier")
     parser.add_argument("--morphable", help="with --arch: morphable model source (bfm68:FOLDER, ...)")
     parser.add_argument("--param-stats", help="with --arch: MEAN_FILE,STD_FILE whitening statistics")
-    parser.add_argument("--aflw2000", type=Path, help="AFLW2000-3D folder (imageNNNNN.jpg + .mat)")
+    parser.add_argument("--aflw2000",
+                        help="AFLW2000-3D folder (imageNNNNN.jpg + .mat), a path or an s3:// URI")
     parser.add_argument("--protocol", type=Path, help="folder of 3DDFA's AFLW2000-3D arrays")
     parser.add_argument("--yaw-file", choices=("original", "new"),
                         help="with --protocol: bin by AFLW2000-3D.pose.npy or -new.pose.npy "
@@ -127,7 +130,9 @@ def open_inputs(args: argparse.Namespace) -> Inputs:
     check_args(args)
     filesystem, refs, protocol = None, [], None
     if args.aflw2000 is not None:
-        if not args.aflw2000.is_dir():
+        if "://" in args.aflw2000:
+            readable_location(args.aflw2000, "--aflw2000")
+        elif not Path(args.aflw2000).is_dir():
             raise ValueError(f"{args.aflw2000}: no such folder (--aflw2000)")
         filesystem, refs = list_aflw2000(args.aflw2000)
         if args.protocol is not None:

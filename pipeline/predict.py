@@ -28,7 +28,7 @@ import json
 import logging
 import sys
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import cv2
@@ -37,9 +37,10 @@ import numpy as np
 from models.checkpoint import ModelBundle, load_bundle
 from models.predictor import FacePredictor, Prediction
 from pipeline.runtime.console import run_main
-from pipeline.runtime.paths import input_path
+from pipeline.runtime.paths import input_file, local_file
 from pipeline.runtime.stage_tools import setup_logging, stage_parser, write_json
 from pipeline.runtime.tracking import bundle_from_model_uri
+from preprocessing.datasets import read_bytes, resolve
 from preprocessing.mtcnn_detector import MtcnnFaceDetector
 from preprocessing.overlay import BOX_BGR, FLAGGED_BGR, caption, draw_box, draw_landmarks
 
@@ -59,10 +60,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = stage_parser("frnet predict", __doc__, inputs_rule=True)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model-uri", help="a registered model, e.g. models:/mobile-frnet@champion")
-    source.add_argument("--checkpoint", type=Path, help="the project's model file")
+    source.add_argument("--checkpoint", help="the project's model file (a path or an s3:// URI)")
     parser.add_argument("--tracking-uri", help="with --model-uri: the MLflow store "
                         "(default: $MLFLOW_TRACKING_URI; a store that does not exist is refused)")
-    parser.add_argument("images", nargs="+", type=Path, help="image files")
+    parser.add_argument("images", nargs="+", help="image files (paths or s3:// URIs)")
     faces = parser.add_mutually_exclusive_group()
     faces.add_argument("--box", help="face box x1,y1,x2,y2 in pixels (all images); without it "
                        "the MTCNN face detector finds the faces")
@@ -131,15 +132,21 @@ def write_obj(path: Path, vertices: np.ndarray, triangles: np.ndarray) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def read_image(path: Path) -> np.ndarray:
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+def read_image(location: str | Path) -> np.ndarray:
+    """An image file (a path, or an ``s3://`` URI read through pyarrow) as BGR pixels."""
+    if "://" in str(location):
+        filesystem, path = resolve(str(location))
+        data = np.frombuffer(read_bytes(filesystem, path), np.uint8)
+        image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    else:
+        image = cv2.imread(str(location), cv2.IMREAD_COLOR)
     if image is None:
-        raise ValueError(f"{path}: not a readable image")
+        raise ValueError(f"{location}: not a readable image")
     return image
 
 
 def predict_face(predictor: FacePredictor, detector: MtcnnFaceDetector, image: np.ndarray,
-                 image_path: Path, face: int, found: Found, stem_path: Path) -> dict:
+                 image_path: str, face: int, found: Found, stem_path: Path) -> dict:
     """Predict one face from its detector box and check the fit; write ``stem_path`` + .json,
     _overlay.png, .obj."""
     prediction = predictor.predict(image, detection=found.box)
@@ -156,7 +163,8 @@ def predict_face(predictor: FacePredictor, detector: MtcnnFaceDetector, image: n
         record["mesh"] = f"{stem_path}.obj"
         write_obj(Path(record["mesh"]), prediction.vertices, predictor.model.triangles)
     Path(f"{stem_path}.json").write_text(json.dumps(record, indent=1) + "\n")
-    LOG.info("%s face %d: yaw %.1f, pitch %.1f, roll %.1f degrees", image_path.name, face, yaw, pitch, roll)
+    LOG.info("%s face %d: yaw %.1f, pitch %.1f, roll %.1f degrees", PurePosixPath(image_path).name, face, yaw,
+             pitch, roll)
     if checks["flags"]:
         LOG.warning("%s face %d is flagged: %s", image_path, face, "; ".join(checks["flags"]))
     return record
@@ -193,14 +201,16 @@ class Predictions:
         return {"model": model, "images": self.faces, "no_face": self.no_face}
 
 
-def predict_images(bundle: ModelBundle, images: list[Path], out: Path, box: np.ndarray | None = None,
+def predict_images(bundle: ModelBundle, images: list[str | Path], out: Path, box: np.ndarray | None = None,
                    all_faces: bool = False) -> Predictions:
-    """Predict every image's face(s): ``box`` for all, else the detector's largest (or every) face."""
+    """Predict every image's face(s) (each a path or an ``s3://`` URI): ``box`` for all, else the
+    detector's largest (or every) face."""
     predictor = bundle.predictor()
     detector = MtcnnFaceDetector()
     out.mkdir(parents=True, exist_ok=True)
     records, no_face = [], []
-    for image_path in images:
+    for location in images:
+        image_path = str(location)
         image = read_image(image_path)
         faces = find_faces(detector, image, box)
         if not faces:
@@ -208,7 +218,8 @@ def predict_images(bundle: ModelBundle, images: list[Path], out: Path, box: np.n
             no_face.append(str(image_path))
             continue
         for face, found in enumerate(faces if all_faces else faces[:1]):
-            stem = f"{image_path.stem}_face{face}" if all_faces else image_path.stem
+            name = PurePosixPath(image_path).stem
+            stem = f"{name}_face{face}" if all_faces else name
             records.append(predict_face(predictor, detector, image, image_path, face, found, out / stem))
     return Predictions(records, no_face)
 
@@ -218,11 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:  # everything the command line names, before any work
         box = None if args.box is None else parse_box(args.box)
-        images = [input_path(image, "image") for image in args.images]
+        images = [input_file(image, "image") for image in args.images]
         if args.model_uri:
             bundle = bundle_from_model_uri(args.model_uri, args.tracking_uri)
         else:
-            bundle, _ = load_bundle(input_path(args.checkpoint, "--checkpoint"))
+            bundle, _ = load_bundle(local_file(args.checkpoint, "--checkpoint"))
     except ValueError as err:  # a ConfigError too
         LOG.error("%s", err)
         return 2

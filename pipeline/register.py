@@ -31,7 +31,7 @@ from pipeline.evaluation.model_loading import check_model_args, parse_param_stat
 from pipeline.evaluation.scoring import EvaluationSet, aflw2000_folder_set, aflw2000_reports, predict_aflw2000
 from pipeline.registration.gate import register_scored
 from pipeline.runtime.console import run_main
-from pipeline.runtime.paths import input_path, model_source
+from pipeline.runtime.paths import input_path, local_file, model_source, readable_location
 from pipeline.runtime.stage_tools import progress_logger, setup_logging, stage_parser, write_json
 from pipeline.runtime.tracking import active_run, log_params, log_served_model, open_store, set_tags
 from preprocessing.benchmark_sets import Aflw2000Protocol
@@ -43,8 +43,9 @@ LOG = logging.getLogger("frnet.register")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = stage_parser("frnet register", __doc__, inputs_rule=True)
-    parser.add_argument("--checkpoint", type=Path, required=True,
-                        help="the project's model file, or with --arch a network checkpoint")
+    parser.add_argument("--checkpoint", required=True,
+                        help="the project's model file, or with --arch a network checkpoint (a path or "
+                             "an s3:// URI)")
     parser.add_argument("--arch", choices=list(ARCHITECTURES), help="read --checkpoint as bare weights")
     parser.add_argument("--width", type=float, default=1.0, help="with --arch: width multiplier")
     parser.add_argument("--morphable", help="with --arch: morphable model source (bfm68:FOLDER, ...)")
@@ -56,7 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the MLflow store (default: sqlite:///RUN_DIR/mlflow.db)")
     parser.add_argument("--run-dir", type=Path, default=Path("runs/default"),
                         help="with the default store: where it and its artifacts live")
-    parser.add_argument("--aflw2000", type=Path, help="AFLW2000-3D folder to score the model on")
+    parser.add_argument("--aflw2000",
+                        help="AFLW2000-3D folder to score the model on (a path or an s3:// URI)")
     parser.add_argument("--protocol", type=Path, help="folder of 3DDFA's AFLW2000-3D arrays")
     parser.add_argument("--yaw-file", choices=("original", "new"), help="with --protocol: the yaw bins")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -67,7 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def read_bundle(args: argparse.Namespace) -> ModelBundle:
     """The model the arguments name, as a model file would hold it; a ValueError says why not."""
     check_model_args(args)
-    checkpoint = input_path(args.checkpoint, "--checkpoint")
+    checkpoint = local_file(args.checkpoint, "--checkpoint")
     if args.arch is None:
         return read_model_file(checkpoint)
     stats = parse_param_stats(args.param_stats, lambda path: input_path(path, "--param-stats"))
@@ -89,7 +91,7 @@ def score(bundle: ModelBundle, args: argparse.Namespace) -> tuple[dict[str, Any]
         return None
     if args.yaw_file is not None and args.protocol is None:
         raise ValueError(f"--yaw-file {args.yaw_file} needs --protocol")
-    folder = input_path(args.aflw2000, "--aflw2000")
+    folder = readable_location(args.aflw2000, "--aflw2000")
     filesystem, refs = list_aflw2000(folder)
     protocol = Aflw2000Protocol.load(input_path(args.protocol, "--protocol")) if args.protocol else None
     if protocol is not None and len(protocol) != len(refs):

@@ -14,6 +14,7 @@ from models.checkpoint import ModelBundle, load_bundle
 from models.face_models import load_face_model
 from models.params import ParamStats
 from models.predictor import FacePredictor
+from pipeline.runtime.paths import local_file
 from pipeline.runtime.tracking import bundle_from_model_uri
 
 
@@ -36,9 +37,10 @@ def parse_param_stats(spec: str, locate: Callable[[str], Path] = Path) -> ParamS
     return ParamStats.from_text_files(locate(parts[0].strip()), locate(parts[1].strip()))
 
 
-def read_model_file(path: Path) -> ModelBundle:
-    """The project's model file at ``path``; a ValueError says why a file is not one."""
-    path = Path(path)
+def read_model_file(path: str | Path) -> ModelBundle:
+    """The project's model file at ``path`` (a path, or an ``s3://`` URI checked to be there);
+    a ValueError says why a file is not one."""
+    path = local_file(path, "--checkpoint") if "://" in str(path) else Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
     try:
@@ -70,9 +72,11 @@ def load_predictor(args: argparse.Namespace) -> tuple[FacePredictor, dict[str, A
     else:
         stats = parse_param_stats(args.param_stats)
         face_model = load_face_model(args.morphable)
-        if not args.checkpoint.is_file():
+        checkpoint = local_file(args.checkpoint, "--checkpoint") if "://" in args.checkpoint \
+            else Path(args.checkpoint)
+        if not checkpoint.is_file():
             raise ValueError(f"{args.checkpoint}: no such file")
-        network = load_model(args.arch, args.width, args.checkpoint)  # ValueError names the file
+        network = load_model(args.arch, args.width, checkpoint)  # ValueError names the file
         predictor = FacePredictor(network, stats, face_model, args.device)
         arch, width = args.arch, args.width
     return predictor, {

@@ -11,7 +11,10 @@ URIs (``s3://...``) are used as they are. Outputs are written relative to the cu
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -43,6 +46,46 @@ def input_location(location: str, what: str) -> str:
     return location if "://" in location else str(input_path(location, what))
 
 
+def input_file(location: str | Path, what: str) -> str:
+    """``input_location`` for one file: a URI must name an object that is there (else a
+    ConfigError saying why: no bucket, nothing there, a prefix, the endpoint's answer)."""
+    location = str(location)
+    if "://" not in location:
+        return str(input_path(location, what))
+    try:
+        filesystem, path = pafs.FileSystem.from_uri(location)
+        kind = filesystem.get_file_info(path).type
+    except (OSError, ValueError):
+        kind = None
+    if kind != pafs.FileType.File:
+        problem = uri_problem(location) if kind != pafs.FileType.Directory else None
+        raise ConfigError(f"{what} {location}: {problem or 'a prefix (folder), not a file'}")
+    return location
+
+
+_DOWNLOADS: list[Path] = []  # this process's folder of inputs copied from URIs
+
+
+def local_file(location: str | Path, what: str) -> Path:
+    """An input file on this machine, for code that reads local files only (``torch.load`` of a
+    model file): :func:`input_file`'s path, or for a URI its object copied into a temporary
+    folder of this process (as ``.../s3/BUCKET/KEY``), removed when the process exits."""
+    found = input_file(location, what)
+    if "://" not in found:
+        return Path(found)
+    if not _DOWNLOADS:
+        folder = Path(tempfile.mkdtemp(prefix="frnet-inputs-"))
+        atexit.register(shutil.rmtree, folder, True)
+        _DOWNLOADS.append(folder)
+    scheme, _, rest = found.partition("://")
+    target = _DOWNLOADS[0] / scheme / rest
+    target.parent.mkdir(parents=True, exist_ok=True)
+    filesystem, path = pafs.FileSystem.from_uri(found)
+    with filesystem.open_input_stream(path) as source, target.open("wb") as sink:
+        shutil.copyfileobj(source, sink)
+    return target
+
+
 def readable_location(location: str, what: str) -> str:
     """``input_location``, a URI checked to hold something (see :func:`uri_problem`): the
     commands' own check before Ray starts (loading a config never reaches the network)."""
@@ -68,7 +111,26 @@ def uri_problem(location: str) -> str | None:
         return "nothing there"
     except (OSError, ValueError) as err:
         reason = " ".join(str(err).split())
-        return f"cannot be read at {s3_endpoint()}: {reason}" if location.startswith("s3://") else reason
+        if not location.startswith("s3://"):
+            return reason
+        if "ACCESS_DENIED" in reason or "InvalidAccessKeyId" in reason or "SignatureDoesNotMatch" in reason:
+            return (f"{s3_endpoint()} refused the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+                    f"or the instance profile): {reason}")
+        return f"cannot be read at {s3_endpoint()}: {reason}"
+
+
+# The variables that point S3 clients (pyarrow's, Ray's, MLflow's boto3) at an endpoint with a key
+# pair, as the AWS tools read them.
+STORAGE_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                     "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "AWS_CA_BUNDLE",
+                     "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_S3_IGNORE_TLS")
+
+
+def storage_environment() -> dict[str, str]:
+    """The driver's S3 variables, for every Ray worker of its job (the job's runtime environment):
+    a node started without them reaches the same endpoint with the same keys. They live in the
+    job's environment only, never in a log line, MLflow, a manifest or a checkpoint."""
+    return {name: os.environ[name] for name in STORAGE_VARIABLES if name in os.environ}
 
 
 def s3_endpoint() -> str:

@@ -61,8 +61,10 @@ def start_ray(num_cpus: int | None = None, dashboard: bool = True, **kwargs: Any
     if ray.is_initialized():
         return
     from pipeline.runtime.console import quiet_forwarded_lines, worker_environment
+    from pipeline.runtime.paths import storage_environment
 
-    init_ray(num_cpus, dashboard, worker_environment(), kwargs)  # the console's choice, for the workers
+    # The workers keep the console's choice and reach the driver's S3 endpoint with its keys.
+    init_ray(num_cpus, dashboard, worker_environment() | storage_environment(), kwargs)
     quiet_forwarded_lines()
 
 

@@ -60,13 +60,17 @@ def moto_server() -> Path:
 
 
 @contextmanager
-def s3_endpoint(log_dir: Path) -> Iterator[tuple[S3Endpoint, Processes]]:
-    """A moto server on a free loopback port, stopped afterwards."""
+def s3_endpoint(log_dir: Path, check_keys: bool = False) -> Iterator[tuple[S3Endpoint, Processes]]:
+    """A moto server on a free loopback port, stopped afterwards. With ``check_keys`` it checks
+    every request's signature against the keys it knows, of which it has none: any key pair is
+    refused, as a server refuses a wrong key."""
     command = moto_server()
     keeper = Processes(log_dir)
     port = free_ports(1)[0]
     url = f"http://127.0.0.1:{port}"
     env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
+    if check_keys:
+        env["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"
     popen, log_path = keeper.start("moto-server", [str(command), "-H", "127.0.0.1", "-p", str(port)], env)
     try:
         wait_for_url(popen, log_path, f"{url}/moto-api/", Deadline(S3_UP_S, "the S3 server"))

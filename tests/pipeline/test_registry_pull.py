@@ -28,6 +28,7 @@ from models.params import ParamStats
 from pipeline.runtime.tracking import CHAMPION, RANKING_TAG, bundle_from_model_uri, open_store
 from tests.conftest import REPO_ROOT, real_face_image, shared_path
 from tests.pipeline.cluster_harness import FOREIGN_ENV, VENV_BIN, Deadline, free_ports, wait_for_url
+from tests.pipeline.pull_harness import PULL, clean_python
 
 pytestmark = pytest.mark.cluster
 
@@ -35,40 +36,6 @@ NAME = "frnet-peer"
 FACE = "image00427"
 FACE_INDEX = 255  # its row in the AFLW2000-3D protocol arrays (sorted-file order)
 SERVER_UP_S = 120
-# Run in the clean interpreter: load by alias, predict, report where `models` came from.
-PULL = r"""
-import json, sys, time
-started = time.perf_counter()
-try:
-    import models
-except ImportError:
-    pass
-else:
-    sys.exit(f"this project is importable here: {models.__file__}")
-import mlflow
-import numpy as np
-mlflow.set_tracking_uri(sys.argv[1])
-model = mlflow.pyfunc.load_model(sys.argv[2])
-loaded = time.perf_counter() - started
-outputs = {}
-for name in sys.argv[4:]:
-    crops = np.load(f"{sys.argv[3]}/{name}.npy")
-    outputs[name] = {key: value.tolist() for key, value in model.predict(crops).items()}
-import models
-print(json.dumps({"cold_load_s": loaded, "models_from": models.__file__, "outputs": outputs}))
-"""
-
-
-def clean_python(folder: Path) -> Path:
-    """A virtualenv that sees this venv's third-party packages (one path line) but not this
-    project: the editable install's hook is a .pth file there, and path lines are not scanned."""
-    subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(folder)], check=True)
-    packages = Path(np.__file__).resolve().parents[1]
-    site = next((folder / "lib").glob("python3*/site-packages"))
-    (site / "third-party.pth").write_text(f"{packages}\n")
-    return folder / "bin" / "python"
-
-
 def peer_args(shared: Path, run_dir: Path, aflw2000: Path) -> list[str]:
     stats = ",".join(str(shared / "bfm68" / f"param_{kind}_v2.txt") for kind in ("mean", "std"))
     return ["register", "--checkpoint", str(shared / "peers" / "3ddfa_v2_mb05_120x120.pth"),

@@ -1,8 +1,10 @@
 """Every stage on S3-compatible object storage, against a real S3 endpoint on loopback (see
 :mod:`tests.pipeline.s3_harness`), with no folder shared between the stages: `frnet synth` writes
 the raw datasets to a bucket, `frnet preprocess` reads them there and publishes its shards there,
-`frnet train` reads the shards there and keeps its checkpoints there. The commands are the
-user's, run as subprocesses with only the AWS variables pointing them at the endpoint."""
+`frnet train` reads the shards there and keeps its checkpoints there; the model file, copied to
+the bucket, is evaluated, registered and used for prediction there, on the AFLW2000-3D images in
+the bucket. The commands are the user's, run as subprocesses with only the AWS variables pointing
+them at the endpoint."""
 
 from __future__ import annotations
 
@@ -69,7 +71,21 @@ def chain(s3, tmp_path_factory):
     steps["train"] = frnet(s3.env, ["train", "--config", "train.yaml", "--shards", f"{root}/shards",
                                     "--storage", f"{root}/ray", "--run-dir", "run", "--num-cpus", "2",
                                     "--json", "train.json"], work)
-    return {"work": work, "steps": steps, "train_seconds": time.monotonic() - started}
+    train_seconds = time.monotonic() - started
+    if steps["train"][0] == 0:  # the model file to the bucket, as `aws s3 cp` would
+        model_file = json.loads((work / "train.json").read_text())["model_file"]
+        pafs.copy_files(model_file, f"{BUCKET}/models/mobile-frnet.pt",
+                        source_filesystem=pafs.LocalFileSystem(), destination_filesystem=s3.filesystem())
+        model, aflw2000 = f"{root}/models/mobile-frnet.pt", f"{root}/raw/AFLW2000"
+        steps["evaluate"] = frnet(s3.env, ["evaluate", "--checkpoint", model, "--aflw2000", aflw2000,
+                                           "--json", "evaluate.json"], work)
+        steps["register"] = frnet(s3.env, ["register", "--checkpoint", model, "--aflw2000", aflw2000,
+                                           "--run-dir", "registry", "--json", "register.json"], work)
+        images = objects(s3.filesystem(), f"{BUCKET}/raw/AFLW2000")
+        image = next(key for key in images if key.endswith(".jpg"))
+        steps["predict"] = frnet(s3.env, ["predict", "--checkpoint", model, f"{aflw2000}/{image}", "--out",
+                                          "predicted", "--json", "predict.json"], work)
+    return {"work": work, "steps": steps, "train_seconds": train_seconds}
 
 
 def test_synth_writes_the_raw_datasets_to_the_bucket(s3, chain):
@@ -105,18 +121,50 @@ def test_train_reads_shards_and_keeps_checkpoints_on_s3(s3, chain):
     assert not (chain["work"] / "run" / "ray").exists()  # the checkpoints went to the bucket only
 
 
-@pytest.mark.parametrize("case", ["no bucket", "no manifest", "no endpoint"])
-def test_bad_shard_locations_are_one_line_before_ray(s3, chain, case):
-    """Refused before Ray starts (exit 2), in one line that names the URI and the reason."""
+def test_evaluate_register_and_predict_read_their_inputs_from_s3(chain):
+    work = chain["work"]
+    for step in ("evaluate", "register", "predict"):
+        status, output = chain["steps"][step]
+        assert status == 0, f"{step}:\n{output[-3000:]}"
+    evaluated = json.loads((work / "evaluate.json").read_text())
+    registered = json.loads((work / "register.json").read_text())
+    assert evaluated["model"]["checkpoint"] == f"s3://{BUCKET}/models/mobile-frnet.pt"
+    assert sum(b["count"] for b in evaluated["aflw2000"]["bins"]) == 4
+    # The same model on the same faces: the registration gate's figure is the evaluation's.
+    assert registered["model_version"] == "1" and registered["champion"]
+    assert registered["aflw2000"]["nme_mean_of_bins"] == pytest.approx(
+        evaluated["aflw2000"]["nme_mean_of_bins"], rel=1e-6)
+    predicted = json.loads((work / "predict.json").read_text())
+    faces = predicted["images"]
+    assert len(faces) == 1 and faces[0]["image"].startswith(f"s3://{BUCKET}/raw/AFLW2000/image")
+    assert len(faces[0]["landmarks"]) == 68 and (work / faces[0]["overlay"]).exists()
+
+
+@pytest.fixture(scope="module")
+def strict_s3(tmp_path_factory) -> S3Endpoint:
+    """A second endpoint, one that refuses every key pair."""
+    with s3_endpoint(tmp_path_factory.mktemp("strict-s3-server"), check_keys=True) as (endpoint, _):
+        yield endpoint
+
+
+@pytest.mark.parametrize("case", ["no bucket", "no manifest", "no endpoint", "refused keys"])
+def test_bad_shard_locations_are_one_line_before_ray(s3, chain, case, request):
+    """Refused before Ray starts (exit 2), in one line that names the URI and the reason, and
+    never the secret key."""
     env, shards = dict(s3.env), f"s3://{BUCKET}/not-shards"
     if case == "no bucket":
         shards = "s3://no-such-bucket/shards"
-    elif case == "no endpoint":
-        closed = f"http://127.0.0.1:{free_ports(1)[0]}"
-        env.update(AWS_ENDPOINT_URL=closed, MLFLOW_S3_ENDPOINT_URL=closed)
+    elif case in ("no endpoint", "refused keys"):
+        url = (request.getfixturevalue("strict_s3").url if case == "refused keys"
+               else f"http://127.0.0.1:{free_ports(1)[0]}")
+        env.update(AWS_ENDPOINT_URL=url, MLFLOW_S3_ENDPOINT_URL=url)
         shards = f"s3://{BUCKET}/shards"
     status, output = frnet(env, ["train", "--config", "train.yaml", "--shards", shards, "--run-dir",
                                  f"refused-{case.replace(' ', '-')}", "--num-cpus", "2"], chain["work"], 180)
     errors = [line for line in output.splitlines() if " ERROR " in line]
     assert status == 2 and len(errors) == 1 and shards in errors[0], output[-3000:]
     assert "Traceback" not in output and "Started a local Ray" not in output
+    assert env["AWS_SECRET_ACCESS_KEY"] not in output
+    if case == "refused keys":
+        assert "refused the credentials" in errors[0], errors[0]
+    print(errors[0])

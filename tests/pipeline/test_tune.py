@@ -1,8 +1,9 @@
 """A Ray Tune sweep of Ray Train runs on synthetic shards: ASHA stops the weak trials, MLflow
 holds a parent run with one nested run per trial, an interrupted sweep resumes without
 rerunning finished trials, and the best model is registered and loads by alias. An Optuna
-sweep runs two trials at once on 2 CPUs and resumes, from another run folder given its storage,
-with the trials before the interruption known to its searcher."""
+sweep with its storage on an S3 endpoint (:mod:`tests.pipeline.s3_harness`) runs two trials at
+once on 2 CPUs and resumes, from another run folder given only the storage URI, with the trials
+before the interruption known to its searcher."""
 
 import csv
 import json
@@ -17,11 +18,14 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import optuna
+import pyarrow.fs as pafs
 import pytest
 import yaml
 
 from models.checkpoint import load_bundle
 from pipeline import tune as tune_stage
+from tests.pipeline.cluster_harness import FOREIGN_ENV
+from tests.pipeline.s3_harness import S3Endpoint, s3_endpoint
 
 pytestmark = pytest.mark.ray
 # The grid runs in order: a sound learning rate, then one that blows the network up (ASHA must
@@ -201,20 +205,38 @@ def ended_trials(log_path: Path) -> int:
     return log_path.read_text(errors="replace").count(" ended: best validation NME")
 
 
-def searcher_state(storage: Path, name: str) -> dict:
-    """Tune's newest saved OptunaSearch state (its study is ``_ot_study``)."""
-    newest = max((storage / name).glob("searcher-state-*.pkl"))
-    with newest.open("rb") as stream:
-        return pickle.load(stream)
+OPTUNA_BUCKET = "frnet-sweeps"
+
+
+def stored_names(s3: S3Endpoint, prefix: str) -> set[str]:
+    """The names of the objects directly under ``prefix`` (bucket/...)."""
+    infos = s3.filesystem().get_file_info(pafs.FileSelector(prefix, allow_not_found=True))
+    return {info.base_name for info in infos}
+
+
+def searcher_state(s3: S3Endpoint, name: str) -> dict:
+    """Tune's newest saved OptunaSearch state in the bucket (its study is ``_ot_study``)."""
+    newest = max(n for n in stored_names(s3, f"{OPTUNA_BUCKET}/{name}") if n.startswith("searcher-state-"))
+    with s3.filesystem().open_input_stream(f"{OPTUNA_BUCKET}/{name}/{newest}") as stream:
+        return pickle.loads(stream.read())
 
 
 @pytest.fixture(scope="module")
-def optuna_sweep(sweep_files, tmp_path_factory):
-    """Five one-epoch trials of one 0.4-CPU worker, TPE after two random ones: interrupted once
-    the first trial has ended, then resumed from a second run folder (as from another head)
-    given the same storage."""
+def s3(tmp_path_factory) -> S3Endpoint:
+    with s3_endpoint(tmp_path_factory.mktemp("s3-server")) as (endpoint, _):
+        yield endpoint
+
+
+@pytest.fixture(scope="module")
+def optuna_sweep(sweep_files, tmp_path_factory, s3):
+    """Five one-epoch trials of one 0.4-CPU worker, TPE after two random ones, the sweep's
+    storage in a bucket: interrupted once the first trial has ended, then resumed from a second
+    run folder (as from another head) given only the storage URI. Each is a `frnet tune` of its
+    own with its own local Ray and the S3 variables."""
     root = tmp_path_factory.mktemp("optuna-sweep")
-    storage, first_dir, second_dir = root / "storage", root / "head-a", root / "head-b"
+    storage, first_dir, second_dir = f"{s3.make_bucket(OPTUNA_BUCKET)}", root / "head-a", root / "head-b"
+    env = {key: value for key, value in os.environ.items()
+           if key not in FOREIGN_ENV and not key.startswith("AWS_")} | s3.env
     (root / "tune.yaml").write_text(yaml.safe_dump({
         "name": "optuna-sweep", "train_config": str(sweep_files / "train.yaml"), "epochs": 1,
         "trial": {"num_workers": 1, "cpus_per_worker": 0.4}, "register": False}))
@@ -223,12 +245,12 @@ def optuna_sweep(sweep_files, tmp_path_factory):
         "scheduler": {"name": "asha", "grace_period": 1},
         "space": {"loss.lambda1": {"distribution": "loguniform", "low": 0.3, "high": 3.0},
                   "optim.lr": {"distribution": "loguniform", "low": 0.0005, "high": 0.005}}}))
-    common = ["--config", str(root / "tune.yaml"), "--storage", str(storage)]
+    common = [sys.executable, "-m", "pipeline.cli", "tune", "--config", str(root / "tune.yaml"),
+              "--storage", storage, "--num-cpus", "2"]
     log_path = root / "interrupted.log"
-    command = [sys.executable, "-m", "pipeline.cli", "tune", *common, "--space", str(root / "space.yaml"),
-               "--run-dir", str(first_dir), "--num-cpus", "2"]
+    command = [*common, "--space", str(root / "space.yaml"), "--run-dir", str(first_dir)]
     with log_path.open("w") as log:
-        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True)
         try:
             deadline = time.time() + 600
@@ -240,26 +262,29 @@ def optuna_sweep(sweep_files, tmp_path_factory):
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-    before = searcher_state(storage, "optuna-sweep")
-    resumed = tune_stage.main([*common, "--run-dir", str(second_dir), "--name", "optuna-sweep", "--resume",
-                               "--json", str(root / "sweep.json")])
-    return {"storage": storage, "first_dir": first_dir, "second_dir": second_dir, "first_exit": first,
-            "resumed_exit": resumed, "log": log_path.read_text(errors="replace"), "before": before,
-            "after": searcher_state(storage, "optuna-sweep"),
+    before = searcher_state(s3, "optuna-sweep")
+    resumed = subprocess.run([*common, "--run-dir", str(second_dir), "--name", "optuna-sweep", "--resume",
+                              "--json", str(root / "sweep.json")], cwd=root, env=env, capture_output=True,
+                             text=True, timeout=600)
+    return {"s3": s3, "first_dir": first_dir, "second_dir": second_dir, "first_exit": first,
+            "resumed_exit": resumed.returncode, "resumed_log": resumed.stdout + resumed.stderr,
+            "log": log_path.read_text(errors="replace"), "before": before,
+            "after": searcher_state(s3, "optuna-sweep"),
             "figures": json.loads((root / "sweep.json").read_text())}
 
 
 def test_an_optuna_sweep_runs_to_completion_from_another_run_folder(optuna_sweep):
     assert optuna_sweep["first_exit"] == 130, optuna_sweep["log"][-3000:]
-    assert optuna_sweep["resumed_exit"] == 0
+    assert optuna_sweep["resumed_exit"] == 0, optuna_sweep["resumed_log"][-3000:]
     figures = optuna_sweep["figures"]
     assert [t["state"] for t in figures["trials"]] == ["completed"] * OPTUNA_TRIALS
     assert Path(figures["best_config"]).parent == optuna_sweep["second_dir"] / "tune" / "optuna-sweep"
-    # The sweep's own files are in its storage, where the second run folder found them.
-    stored = optuna_sweep["storage"] / "optuna-sweep" / "frnet_sweep"
-    assert {p.name for p in stored.iterdir()} >= {"sweep.json", "space.yaml", "tune.yaml", "asha_rungs.json",
-                                                  "results.csv", "best_train.yaml"}
+    # The sweep's own files are in its bucket, where the second run folder found them.
+    stored = stored_names(optuna_sweep["s3"], f"{OPTUNA_BUCKET}/optuna-sweep/frnet_sweep")
+    assert stored >= {"sweep.json", "space.yaml", "tune.yaml", "asha_rungs.json", "results.csv",
+                      "best_train.yaml"}
     assert not (optuna_sweep["first_dir"] / "tune" / "optuna-sweep" / "results.csv").exists()
+    assert not (optuna_sweep["second_dir"] / "ray").exists()  # no trial kept anything on the head
 
 
 def test_a_resumed_optuna_sweep_continues_the_searchers_study(optuna_sweep):

@@ -1,0 +1,179 @@
+"""Shards on S3-compatible object storage against the same shards on local disk: training's input
+rate, preprocessing's write time, and the S3 requests one epoch makes.
+
+    .venv/bin/python -m benchmarks.s3_input --images 3000 --cpus 2 --repeats 3 --json s3.json
+
+The endpoint is moto's server (the dev extra's, as the S3 tests use it) on loopback, reached only
+through the AWS variables, as MinIO or Ceph would be. It runs on the same cores as the pipeline,
+so every request's server-side work is counted against S3. A 300W-LP-style tree of ``2 x
+--images`` inputs (``preprocessing.linked_tree``) is, per round, alternating which goes first:
+
+- **preprocessed** with the default config (four crops a source) to a local folder and to a
+  bucket prefix, on a local Ray of ``--cpus`` CPUs (the whole ``run_preprocess``, its
+  listing of the input tree included, which is local in both);
+- **read** as training reads it (:func:`benchmarks.input_ceiling.ray_data`: training's own
+  dataset iterated as torch batches by a consumer that does nothing) from the local shards and
+  from the bucket's, over half the training files and over all of them: the rate is the
+  difference in rows over the difference in time, the start what is left of the whole pass.
+
+The requests are counted from the server's access log over one whole pass (an epoch of the
+training split): object reads (GET), metadata lookups (HEAD) and listings (GET with
+``list-type``), beside the number of training files the manifest names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+from benchmarks.input_ceiling import BATCH, rate_and_start, ray_data
+
+BUCKET = "frnet-bench"
+REQUEST = re.compile(r'"(?:\x1b\[[0-9;]*m)*(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP')
+
+
+def start_server(log_path: Path) -> tuple[subprocess.Popen, str]:
+    """moto's S3 server on a free loopback port, logging every request to ``log_path``."""
+    command = Path(sys.executable).parent / "moto_server"
+    if not command.exists():
+        sys.exit(f"{command} not found: this benchmark needs moto's server (pip install -e '.[dev]')")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    with log_path.open("wb") as log:
+        server = subprocess.Popen([str(command), "-H", "127.0.0.1", "-p", str(port)], stdout=log,
+                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    for _ in range(120):
+        try:
+            with urllib.request.urlopen(f"{url}/moto-api/", timeout=2):
+                return server, url
+        except OSError:
+            time.sleep(0.5)
+    server.kill()
+    sys.exit(f"the S3 server did not answer within 60 s; its log: {log_path}")
+
+
+def requests(log_path: Path, skip: int) -> tuple[Counter, int]:
+    """Requests by kind in the server's log after its first ``skip`` lines; and the line count."""
+    lines = log_path.read_text(errors="replace").splitlines()
+    kinds: Counter = Counter()
+    for line in lines[skip:]:
+        found = REQUEST.search(line)
+        if found is None:
+            continue
+        method, target = found.groups()
+        kinds["LIST" if method == "GET" and "list-type" in target else method] += 1
+    return kinds, len(lines)
+
+
+def timed_preprocess(source: str, output: str) -> float:
+    from preprocessing.dataflow import PreprocessConfig
+    from preprocessing.ray_preprocess import run_preprocess
+
+    started = time.perf_counter()
+    run_preprocess(source, output, PreprocessConfig())
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=3000, help="unflipped images (x2 inputs, x4 crops)")
+    parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    import ray
+
+    from pipeline.runtime.ray_session import start_ray
+    from pipeline.runtime.stage_tools import write_json
+    from preprocessing.linked_tree import link_300w_lp
+    from preprocessing.manifest import read_manifest
+    from preprocessing.synth import SynthConfig, generate
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        server, url = start_server(root / "s3.log")
+        try:
+            os.environ.update(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                              AWS_DEFAULT_REGION="us-east-1")
+            import pyarrow.fs as pafs
+
+            pafs.S3FileSystem(endpoint_override=url, allow_bucket_creation=True).create_dir(BUCKET)
+            generate(SynthConfig("300w-lp", n=64, seed=0, views_per_face=4), root / "pool")
+            link_300w_lp(root / "pool", root / "300W_LP", args.images)
+            source = str(root / "300W_LP")
+            start_ray(args.cpus, log_to_driver=False, logging_level="ERROR")
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            timed_preprocess(source, str(root / "warm-up"))  # start Ray's workers and import
+            shutil.rmtree(root / "warm-up")
+            writes: dict[str, list[float]] = {"local": [], "s3": []}
+            for round_ in range(args.repeats):
+                order = ["local", "s3"] if round_ % 2 == 0 else ["s3", "local"]
+                for where in order:
+                    output = str(root / f"shards-{round_}") if where == "local" else f"s3://{BUCKET}/shards-{round_}"
+                    writes[where].append(timed_preprocess(source, output))
+                print(f"preprocess round {round_ + 1}: local {writes['local'][-1]:.1f} s, "
+                      f"S3 {writes['s3'][-1]:.1f} s", flush=True)
+            shards = {"local": str(root / "shards-0"), "s3": f"s3://{BUCKET}/shards-0"}
+            manifest = read_manifest(shards["local"])
+            files = len(manifest.splits["train"])
+            half = files // 2
+            reads: dict[str, list[tuple[float, float]]] = {"local": [], "s3": []}
+            ray_data(shards["s3"], files)  # warm up both readers
+            ray_data(shards["local"], files)
+            epoch_requests: Counter = Counter()
+            for round_ in range(args.repeats):
+                order = ["local", "s3"] if round_ % 2 == 0 else ["s3", "local"]
+                for where in order:
+                    passes = [ray_data(shards[where], half)]
+                    _, before = requests(root / "s3.log", 0)
+                    passes.append(ray_data(shards[where], files))
+                    if where == "s3" and round_ == 0:
+                        epoch_requests, _ = requests(root / "s3.log", before)
+                    reads[where].append(rate_and_start(*passes))
+                ratio = reads["s3"][-1][0] / reads["local"][-1][0]
+                local, s3 = reads["local"][-1][0], reads["s3"][-1][0]
+                print(f"read round {round_ + 1}: local {local:,.0f}, S3 {s3:,.0f} samples/s ({ratio:.2f}x)",
+                      flush=True)
+            ray.shutdown()
+            rows = manifest.counts["rows"]["train"]
+        finally:
+            server.kill()
+            server.wait()
+    rate = {where: statistics.median(r for r, _ in reads[where]) for where in reads}
+    start = {where: statistics.median(s for _, s in reads[where]) for where in reads}
+    ratios = [s3[0] / local[0] for s3, local in zip(reads["s3"], reads["local"], strict=True)]
+    write_time = {where: statistics.median(times) for where, times in writes.items()}
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores; {args.cpus} CPUs for Ray; {rows} "
+          f"training rows in {files} shard files; batch {BATCH}; medians of {args.repeats} rounds")
+    print("| shards on | samples/s | vs local | each round | start |")
+    print("|---|---|---|---|---|")
+    print(f"| local disk | {rate['local']:,.0f} | 1.00 | | {start['local']:.1f} s |")
+    print(f"| S3 (loopback) | {rate['s3']:,.0f} | **{statistics.median(ratios):.2f}** | "
+          f"{' '.join(f'{r:.2f}' for r in ratios)} | {start['s3']:.1f} s |")
+    print(f"\npreprocessing {2 * args.images} inputs: local {write_time['local']:.1f} s, "
+          f"S3 {write_time['s3']:.1f} s ({write_time['local'] / write_time['s3']:.2f}x the local rate)")
+    print(f"S3 requests in one epoch over {files} training files: " + ", ".join(
+        f"{kind} {count}" for kind, count in sorted(epoch_requests.items())))
+    write_json(args.json, {"rows": rows, "files": files, "rate": rate, "start": start, "ratios": ratios,
+                           "preprocess_s": writes, "epoch_requests": dict(epoch_requests)})
+
+
+if __name__ == "__main__":
+    main()
