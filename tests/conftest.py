@@ -17,6 +17,9 @@ SHARED_DATA = Path(os.environ.get("FRNET_SHARED_DATA", REPO_ROOT.parent / "share
 # waits up to that long at each step (workers up, each report, the end). The tests' runs, and the
 # Ray sessions and `frnet` commands they start (which inherit this), look four times as often.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Ray Train watches for spot-instance preemption notices in an actor of its own each run (about
+# 2 s of CPU to start); no test machine is preempted, so the tests' runs go without it.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 # With the suite spread over several pytest processes (make test), each process's thread pools
 # (torch's, OpenMP's) get an even share of the cores, inherited by the commands it starts: pools
@@ -118,11 +121,11 @@ TIER_VARIABLE = "FRNET_TEST_TIER"
 # The longest modules, longest first (their time in the full tier on 2 cores): run over several
 # pytest processes a module at a time (make test), they start first, so that the last module to
 # start is a short one. Every other module follows in its usual order.
-LONGEST_MODULES = ("pipeline/test_two_nodes.py", "pipeline/test_tune.py", "pipeline/test_train_faults.py",
-                   "pipeline/test_train_processes.py", "pipeline/test_onprem_cluster.py",
-                   "pipeline/test_train.py", "pipeline/test_cli.py", "pipeline/test_s3.py",
-                   "pipeline/test_batch_mixing.py",
-                   "preprocessing/test_preprocess.py", "pipeline/test_registry_pull.py")
+LONGEST_MODULES = ("pipeline/test_tune.py", "pipeline/test_two_nodes.py", "pipeline/test_train_faults.py",
+                   "pipeline/test_s3.py", "pipeline/test_onprem_cluster.py", "pipeline/test_cli.py",
+                   "pipeline/test_train.py", "pipeline/test_batch_mixing.py",
+                   "pipeline/test_train_processes.py", "preprocessing/test_preprocess.py",
+                   "pipeline/test_registry_pull.py")
 
 
 def module_rank(item) -> int:

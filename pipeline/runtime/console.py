@@ -121,6 +121,31 @@ class RayInfoFilter(logging.Filter):
         return record.levelno >= logging.WARNING or not record.pathname.startswith(self.ray_folder)
 
 
+# The S3 variables whose values are secrets: never printed, whoever's message holds them (a Ray
+# error may quote a job's whole runtime environment).
+SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+def redact(text: str) -> str:
+    """``text`` with the value of every secret variable set here replaced by ``***``."""
+    for name in SECRET_VARIABLES:
+        value = os.environ.get(name)
+        if value:
+            text = text.replace(value, "***")
+    return text
+
+
+class SecretFilter(logging.Filter):
+    """Log lines with the secrets' values replaced (:func:`redact`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
 def setup_console(verbose: bool) -> None:
     """The driver's console, before Ray starts: the choice goes to Ray's processes through the
     environment (:func:`worker_environment`)."""
@@ -222,7 +247,7 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
             raise
         if is_verbose():
             traceback.print_exc()
-        message = str(err).strip().splitlines()
+        message = redact(str(err)).strip().splitlines()
         print(f"error: {type(err).__name__}: {message[0] if message else ''}", file=sys.stderr)
         print(RAY_ADVICE, file=sys.stderr)
         return 1

@@ -1,6 +1,6 @@
 """The private parts of Ray the project reaches, each behind one function here.
 
-Ray has no public way to do these three things, so each is reached through a private name that a
+Ray has no public way to do these four things, so each is reached through a private name that a
 Ray release may move or change without notice. Every accessor first checks that the running Ray
 is the one these were read from (:data:`TESTED_RAY`) and fails loudly on any other, naming what
 to re-check, rather than let an upgrade change behaviour silently.
@@ -15,11 +15,18 @@ to re-check, rather than let an upgrade change behaviour silently.
 - :func:`torch_backend_parts`: Ray Train's torch set-up, to serve the rendezvous store from a
   socket bound to loopback. ``TorchConfig.backend_cls`` is public, but the backend it returns,
   the helper that sets torch's environment variables and the older worker group class are not.
+- :func:`job_environment`: the variables a Ray job (``ray job submit --runtime-env-json``)
+  already hands to its workers. A job's driver that asks ``ray.init`` for the same variable is
+  refused ("Failed to merge the Job's runtime env", with both environments, secrets included, in
+  the message); the job's runtime environment reaches its driver only through the job manager's
+  ``RAY_JOB_CONFIG_JSON_ENV_VAR`` (``ray._private.runtime_env.constants``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -56,6 +63,19 @@ def clusters_switched_off() -> Iterator[None]:
         yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = clusters
+
+
+def job_environment() -> dict[str, str]:
+    """The environment variables of the runtime environment of the Ray job this process is the
+    driver of (empty outside a job)."""
+    require_tested_ray("a job driver's runtime environment")
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    text = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
+    if not text:
+        return {}
+    runtime_env = json.loads(text).get("runtime_env") or {}
+    return dict(runtime_env.get("env_vars") or {})
 
 
 def torch_backend_parts() -> tuple[type, Any, type]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import ray
 
-from pipeline.runtime.ray_internals import clusters_switched_off
+from pipeline.runtime.ray_internals import clusters_switched_off, job_environment
 
 LOG = logging.getLogger("frnet.ray")
 ADDRESS_VARIABLE = "RAY_ADDRESS"
@@ -76,6 +76,9 @@ def init_ray(num_cpus: int | None, dashboard: bool, environment: dict[str, str],
     if cluster is not None:
         address, found_in = cluster
         LOG.info("joining the Ray cluster at %s (from %s)", address, found_in)
+        # What the job (ray job submit) hands its workers already is theirs; asking again is refused.
+        given = job_environment()
+        environment = {name: value for name, value in environment.items() if name not in given}
         ray.init(address=address, runtime_env={"env_vars": environment}, **kwargs)
         return
     if not dashboard:

@@ -14,12 +14,15 @@ from typing import Any
 def setup_logging(verbose: bool = False) -> None:
     """The project's log lines on the console, and the libraries' as :mod:`pipeline.runtime.console`
     sets them (``verbose``: all of them)."""
-    from pipeline.runtime.console import setup_console
+    from pipeline.runtime.console import SecretFilter, setup_console
 
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
     )
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, SecretFilter) for f in handler.filters):
+            handler.addFilter(SecretFilter())
     setup_console(verbose)
 
 

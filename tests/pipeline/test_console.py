@@ -139,3 +139,21 @@ def test_worker_progress_bars_are_off_unless_verbose(monkeypatch):
     assert "RAY_DATA_DISABLE_PROGRESS_BARS" not in console.worker_environment()
     console.setup_console(verbose=False)
     assert console.worker_environment()["RAY_DATA_DISABLE_PROGRESS_BARS"] == "1"
+
+
+def test_a_secret_key_never_reaches_the_console(monkeypatch, capsys):
+    """A message that quotes the S3 secret (as Ray's runtime-env conflict error quotes a job's
+    environment) is printed with the secret's value replaced, in a log line and in a Ray failure."""
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key-id")
+    quoted = {"AWS_SECRET_ACCESS_KEY": "s3cr3t-value", "AWS_ACCESS_KEY_ID": "key-id"}
+    line = logging.LogRecord("frnet.train", logging.ERROR, __file__, 1, "merge failed: %s", (quoted,), None)
+    assert console.SecretFilter().filter(line)
+    assert "s3cr3t-value" not in line.getMessage() and "***" in line.getMessage()
+    assert "key-id" in line.getMessage()  # the key's id names the account; only the secret is hidden
+
+    def failing(argv):
+        raise ray.exceptions.RaySystemError("runtime env {'AWS_SECRET_ACCESS_KEY': 's3cr3t-value'}")
+
+    assert console.run_main(failing, []) == 1
+    assert "s3cr3t-value" not in capsys.readouterr().err

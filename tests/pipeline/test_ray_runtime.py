@@ -1,5 +1,6 @@
 """Starting Ray: a local-only flag against a running cluster is one clear line, before any work."""
 
+import json
 import os
 import subprocess
 import sys
@@ -51,3 +52,16 @@ def test_num_cpus_against_a_running_cluster_is_one_line(tmp_path, stage):
     assert len(lines) == 1, result.stderr[-2000:]
     assert "--num-cpus 2" in lines[0] and "127.0.0.9:6380" in lines[0] and "RAY_ADDRESS" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_job_driver_asks_ray_only_for_variables_its_job_lacks(monkeypatch):
+    """The job's runtime environment (ray job submit --runtime-env-json) reaches its driver in the
+    job manager's variable; the variables it holds are the job's, and asking ray.init for one of
+    them again would be refused."""
+    from pipeline.runtime.ray_internals import job_environment
+
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert job_environment() == {}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(
+        {"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip", "env_vars": {"AWS_ENDPOINT_URL": "http://s3:9000"}}}))
+    assert job_environment() == {"AWS_ENDPOINT_URL": "http://s3:9000"}

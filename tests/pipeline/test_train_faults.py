@@ -148,7 +148,7 @@ def test_a_hard_kill_a_stop_and_ctrl_c_leave_a_true_record(shards, tmp_path, pro
     there: every epoch once, in the one MLflow run, which cannot be resumed again."""
     keeper, _ = processes
     run_dir, name = tmp_path / "run", "halted"
-    config = small_config(shards, name, epochs=HALTED_EPOCHS)
+    config = small_config(shards, name, epochs=HALTED_EPOCHS, workers=1)  # the driver's record is the point
     plain = to_plain(config)
     plain["data"]["batch_size"] = 2  # more steps: epochs of a few seconds
     config_path = tmp_path / "train.yaml"

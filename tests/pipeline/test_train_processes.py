@@ -129,12 +129,17 @@ def watched_run(shard_set, tmp_path_factory) -> WatchedRun:
         titles: dict[tuple[str, int], set[str]] = {}
         done_before_kill, killed = 0, ""
         deadline = time.monotonic() + TRAIN_S
+        scanned = 0.0
         while popen.poll() is None:
             assert time.monotonic() < deadline, f"not finished in {TRAIN_S} s:\n{tail(log_path)}"
             members = descendants({popen.pid} | session_members({popen.pid}))
-            for key, command in listeners(members).items():
-                seen.setdefault(key, command)  # as first seen: a process may be gone the next time
-                titles.setdefault(key, set()).add(command)
+            # Listing the machine's sockets costs tens of milliseconds of CPU: once a second is
+            # enough to see the listeners, which live as long as their processes.
+            if time.monotonic() - scanned >= 1.0:
+                scanned = time.monotonic()
+                for key, command in listeners(members).items():
+                    seen.setdefault(key, command)  # as first seen: a process may be gone the next time
+                    titles.setdefault(key, set()).add(command)
             if not killed and (done := registered_epochs(snapshot)):
                 workers = [pid for pid in members if "RayTrainWorker" in command_line(pid)]
                 assert workers, "no Ray Train worker process found"

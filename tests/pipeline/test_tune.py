@@ -45,7 +45,7 @@ def sweep_files(tmp_path_factory, shard_set):
              "run": {"max_failures": 0}}
     (root / "train.yaml").write_text(yaml.safe_dump(train))
     sweep = {"name": "sweep", "train_config": "train.yaml", "epochs": EPOCHS,
-             "trial": {"num_workers": 2, "cpus_per_worker": 0.4}, "max_concurrent_trials": 1}
+             "trial": {"num_workers": 1, "cpus_per_worker": 0.4}, "max_concurrent_trials": 1}
     (root / "tune.yaml").write_text(yaml.safe_dump(sweep))
     space = {"num_samples": 1, "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
              "space": {"optim.lr": {"distribution": "grid", "values": LEARNING_RATES}}}
