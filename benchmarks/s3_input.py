@@ -5,7 +5,8 @@ rate, preprocessing's write time, and the S3 requests one epoch makes.
 
 The endpoint is moto's server (the dev extra's, as the S3 tests use it) on loopback, reached only
 through the AWS variables, as MinIO or Ceph would be. It runs on the same cores as the pipeline,
-so every request's server-side work is counted against S3. A 300W-LP-style tree of ``2 x
+so every request's server-side work is counted against S3: its CPU time over the S3 passes is
+reported beside them. A 300W-LP-style tree of ``2 x
 --images`` inputs (``preprocessing.linked_tree``) is, per round, alternating which goes first:
 
 - **preprocessed** with the default config (four crops a source) to a local folder and to a
@@ -16,9 +17,10 @@ so every request's server-side work is counted against S3. A 300W-LP-style tree 
   from the bucket's, over half the training files and over all of them: the rate is the
   difference in rows over the difference in time, the start what is left of the whole pass.
 
-The requests are counted from the server's access log over one whole pass (an epoch of the
-training split): object reads (GET), metadata lookups (HEAD) and listings (GET with
-``list-type``), beside the number of training files the manifest names.
+The requests are counted from the server's access log as a training run makes them: building
+training's dataset once (the manifest read, Ray Data's look at the files), then each of two epochs
+over it: object reads (GET), metadata lookups (HEAD) and listings (GET with ``list-type``), beside
+the number of training files the manifest names.
 """
 
 from __future__ import annotations
@@ -66,17 +68,45 @@ def start_server(log_path: Path) -> tuple[subprocess.Popen, str]:
     sys.exit(f"the S3 server did not answer within 60 s; its log: {log_path}")
 
 
-def requests(log_path: Path, skip: int) -> tuple[Counter, int]:
-    """Requests by kind in the server's log after its first ``skip`` lines; and the line count."""
+def requests(log_path: Path, skip: int) -> tuple[Counter, int, list[str]]:
+    """Requests by kind in the server's log after its first ``skip`` lines, the line count, and
+    the targets of the listings."""
     lines = log_path.read_text(errors="replace").splitlines()
     kinds: Counter = Counter()
+    listings = []
     for line in lines[skip:]:
         found = REQUEST.search(line)
         if found is None:
             continue
         method, target = found.groups()
-        kinds["LIST" if method == "GET" and "list-type" in target else method] += 1
-    return kinds, len(lines)
+        listing = method == "GET" and "list-type" in target
+        kinds["LIST" if listing else method] += 1
+        if listing:
+            listings.append(target)
+    return kinds, len(lines), listings
+
+
+def run_requests(shards: str, log_path: Path) -> list[tuple[str, Counter, list[str]]]:
+    """The S3 requests of building training's dataset over ``shards``, then of each of two
+    epochs over it: (what, requests by kind, listing targets)."""
+    from pipeline.data.shard_reader import crops_per_source, split_dataset
+    from pipeline.training.config import DataConfig
+    from preprocessing.manifest import read_manifest
+
+    _, mark, _ = requests(log_path, 0)
+    manifest = read_manifest(shards)
+    data = DataConfig(shards=shards, batch_size=BATCH)
+    dataset = split_dataset(shards, manifest, data, seed=0, split="train")
+    kinds, mark_after, listings = requests(log_path, mark)
+    found = [("building the dataset", kinds, listings)]
+    for epoch in (1, 2):
+        for _ in dataset.iter_torch_batches(batch_size=BATCH, local_shuffle_seed=epoch,
+                                            local_shuffle_buffer_size=data.shuffle_rows(crops_per_source(manifest))):
+            pass
+        kinds, next_mark, listings = requests(log_path, mark_after)
+        found.append((f"epoch {epoch}", kinds, listings))
+        mark_after = next_mark
+    return found
 
 
 def timed_preprocess(source: str, output: str) -> float:
@@ -98,6 +128,7 @@ def main() -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
+    import psutil
     import ray
 
     from pipeline.runtime.ray_session import start_ray
@@ -135,22 +166,24 @@ def main() -> None:
             files = len(manifest.splits["train"])
             half = files // 2
             reads: dict[str, list[tuple[float, float]]] = {"local": [], "s3": []}
+            serving = psutil.Process(server.pid)
+            server_cpu, s3_seconds = 0.0, 0.0
             ray_data(shards["s3"], files)  # warm up both readers
             ray_data(shards["local"], files)
-            epoch_requests: Counter = Counter()
             for round_ in range(args.repeats):
                 order = ["local", "s3"] if round_ % 2 == 0 else ["s3", "local"]
                 for where in order:
-                    passes = [ray_data(shards[where], half)]
-                    _, before = requests(root / "s3.log", 0)
-                    passes.append(ray_data(shards[where], files))
-                    if where == "s3" and round_ == 0:
-                        epoch_requests, _ = requests(root / "s3.log", before)
+                    cpu = sum(serving.cpu_times()[:2])
+                    passes = [ray_data(shards[where], half), ray_data(shards[where], files)]
                     reads[where].append(rate_and_start(*passes))
+                    if where == "s3":
+                        server_cpu += sum(serving.cpu_times()[:2]) - cpu
+                        s3_seconds += passes[0][1] + passes[1][1]
                 ratio = reads["s3"][-1][0] / reads["local"][-1][0]
                 local, s3 = reads["local"][-1][0], reads["s3"][-1][0]
                 print(f"read round {round_ + 1}: local {local:,.0f}, S3 {s3:,.0f} samples/s ({ratio:.2f}x)",
                       flush=True)
+            run = run_requests(shards["s3"], root / "s3.log")
             ray.shutdown()
             rows = manifest.counts["rows"]["train"]
         finally:
@@ -167,12 +200,17 @@ def main() -> None:
     print(f"| local disk | {rate['local']:,.0f} | 1.00 | | {start['local']:.1f} s |")
     print(f"| S3 (loopback) | {rate['s3']:,.0f} | **{statistics.median(ratios):.2f}** | "
           f"{' '.join(f'{r:.2f}' for r in ratios)} | {start['s3']:.1f} s |")
+    print(f"the S3 server's own CPU: {server_cpu / s3_seconds:.2f} cores on average over the S3 passes")
     print(f"\npreprocessing {2 * args.images} inputs: local {write_time['local']:.1f} s, "
           f"S3 {write_time['s3']:.1f} s ({write_time['local'] / write_time['s3']:.2f}x the local rate)")
-    print(f"S3 requests in one epoch over {files} training files: " + ", ".join(
-        f"{kind} {count}" for kind, count in sorted(epoch_requests.items())))
+    print(f"\nS3 requests of a training run over {files} training files:")
+    for what, kinds, listings in run:
+        counts = ", ".join(f"{kind} {count}" for kind, count in sorted(kinds.items())) or "none"
+        print(f"- {what}: {counts}" + (f" (listing {', '.join(listings)})" if listings else ""))
     write_json(args.json, {"rows": rows, "files": files, "rate": rate, "start": start, "ratios": ratios,
-                           "preprocess_s": writes, "epoch_requests": dict(epoch_requests)})
+                           "preprocess_s": writes, "server_cores": server_cpu / s3_seconds,
+                           "requests": [{"what": what, "requests": dict(kinds), "listings": listings}
+                                        for what, kinds, listings in run]})
 
 
 if __name__ == "__main__":
