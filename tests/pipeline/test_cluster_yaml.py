@@ -165,11 +165,14 @@ def test_the_image_is_rays_own_at_the_ray_version_pyproject_pins(cluster):
         assert re.fullmatch(r"ami-[0-9a-f]{8,17}", node["node_config"]["ImageId"]), "a pinned AMI id"
 
 
-def test_every_node_installs_cuda_torch_then_this_project(cluster):
+def test_every_node_installs_the_tested_torch_then_this_project(cluster):
+    """The torch the cluster image gets is the release the test suite runs (the Makefile's
+    TORCH_SPEC), installed before the project so that pip keeps it."""
     assert cluster["file_mounts"] == {"~/mobile-frnet": "."}
+    tested = re.search(r"^TORCH_SPEC \?= (torch==\S+)$", (REPO_ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert tested, "the Makefile names no pinned TORCH_SPEC"
     setup = cluster["setup_commands"]
-    torch = [i for i, cmd in enumerate(setup)
-             if re.fullmatch(r"pip install torch --index-url https://download\.pytorch\.org/whl/cu\d+", cmd)]
+    torch = [i for i, cmd in enumerate(setup) if cmd == f"pip install {tested.group(1)}"]
     project = [i for i, cmd in enumerate(setup) if cmd == "pip install -e ~/mobile-frnet"]
     assert torch and project and torch[0] < project[0], setup
 
