@@ -121,6 +121,23 @@ def test_train_reads_shards_and_keeps_checkpoints_on_s3(s3, chain):
     assert not (chain["work"] / "run" / "ray").exists()  # the checkpoints went to the bucket only
 
 
+def test_the_secret_key_is_nowhere_the_chain_wrote(s3, chain):
+    """Not in any object of the bucket (raw data, shards, manifest, checkpoints, the stage's
+    files), any file of the run folders (MLflow's store and artifacts, model files), or any
+    command's output."""
+    secret = s3.env["AWS_SECRET_ACCESS_KEY"]
+    filesystem = s3.filesystem()
+    for key in objects(filesystem, BUCKET):
+        with filesystem.open_input_stream(f"{BUCKET}/{key}") as stream:
+            assert secret.encode() not in stream.read(), key
+    written = [path for path in chain["work"].rglob("*") if path.is_file()]
+    assert any(path.name == "mlflow.db" for path in written)
+    for path in written:
+        assert secret.encode() not in path.read_bytes(), path
+    for step, (_, output) in chain["steps"].items():
+        assert secret not in output, step
+
+
 def test_evaluate_register_and_predict_read_their_inputs_from_s3(chain):
     work = chain["work"]
     for step in ("evaluate", "register", "predict"):
