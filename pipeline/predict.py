@@ -233,7 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.model_uri:
             bundle = bundle_from_model_uri(args.model_uri, args.tracking_uri)
         else:
-            bundle, _ = load_bundle(local_file(args.checkpoint, "--checkpoint"))
+            model_file = local_file(args.checkpoint, "--checkpoint")
+            try:
+                bundle, _ = load_bundle(model_file)
+            except ValueError as err:  # named as given, not as the copy of a URI's object
+                raise ValueError(str(err).replace(str(model_file), args.checkpoint)) from err
     except ValueError as err:  # a ConfigError too
         LOG.error("%s", err)
         return 2

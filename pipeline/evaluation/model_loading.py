@@ -40,14 +40,15 @@ def parse_param_stats(spec: str, locate: Callable[[str], Path] = Path) -> ParamS
 def read_model_file(path: str | Path) -> ModelBundle:
     """The project's model file at ``path`` (a path, or an ``s3://`` URI checked to be there);
     a ValueError says why a file is not one."""
-    path = local_file(path, "--checkpoint") if "://" in str(path) else Path(path)
+    location = str(path)
+    path = local_file(location, "--checkpoint") if "://" in location else Path(location)
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
     try:
         bundle, _ = load_bundle(path)
-    except ValueError as err:
-        raise ValueError(f"{err}; for a bare network checkpoint give --arch, --morphable and "
-                         "--param-stats") from err
+    except ValueError as err:  # named as given, not as the copy of a URI's object
+        raise ValueError(f"{str(err).replace(str(path), location)}; for a bare network checkpoint give "
+                         "--arch, --morphable and --param-stats") from err
     return bundle
 
 

@@ -157,6 +157,19 @@ def test_evaluate_register_and_predict_read_their_inputs_from_s3(chain):
     assert len(faces[0]["landmarks"]) == 68 and (work / faces[0]["overlay"]).exists()
 
 
+def test_an_object_that_is_not_a_model_file_is_named_by_its_uri(s3, chain):
+    """Refused (exit 2) in one line naming the URI as given, not the copy the command made."""
+    notes = f"s3://{BUCKET}/models/notes.txt"
+    with s3.filesystem().open_output_stream(notes.removeprefix("s3://")) as stream:
+        stream.write(b"not a model\n")
+    for command in (["evaluate", "--checkpoint", notes, "--aflw2000", f"s3://{BUCKET}/raw/AFLW2000"],
+                    ["predict", "--checkpoint", notes, f"s3://{BUCKET}/raw/AFLW2000/image00000.jpg"]):
+        status, output = frnet(s3.env, command, chain["work"], 180)
+        errors = [line for line in output.splitlines() if " ERROR " in line]
+        assert status == 2 and len(errors) == 1 and f"{notes}: not a model file" in errors[0], output[-3000:]
+        assert "frnet-inputs-" not in output
+
+
 @pytest.fixture(scope="module")
 def strict_s3(tmp_path_factory) -> S3Endpoint:
     """A second endpoint, one that refuses every key pair."""
