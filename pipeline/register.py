@@ -31,7 +31,7 @@ from pipeline.evaluation.model_loading import check_model_args, parse_param_stat
 from pipeline.evaluation.scoring import EvaluationSet, aflw2000_folder_set, aflw2000_reports, predict_aflw2000
 from pipeline.registration.gate import register_scored
 from pipeline.runtime.console import run_main
-from pipeline.runtime.paths import input_file, input_path, local_file, model_source, readable_location
+from pipeline.runtime.paths import input_location, input_path, local_file, model_source, readable_location
 from pipeline.runtime.stage_tools import progress_logger, setup_logging, stage_parser, write_json
 from pipeline.runtime.tracking import active_run, log_params, log_served_model, open_store, set_tags
 from preprocessing.benchmark_sets import Aflw2000Protocol
@@ -70,7 +70,7 @@ def read_bundle(args: argparse.Namespace) -> ModelBundle:
     """The model the arguments name, as a model file would hold it; a ValueError says why not."""
     check_model_args(args)
     if args.arch is None:
-        return read_model_file(input_file(args.checkpoint, "--checkpoint"))
+        return read_model_file(input_location(args.checkpoint, "--checkpoint"))  # a URI: checked there
     checkpoint = local_file(args.checkpoint, "--checkpoint")
     stats = parse_param_stats(args.param_stats, lambda path: input_path(path, "--param-stats"))
     source = model_source(args.morphable, "--morphable")

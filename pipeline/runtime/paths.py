@@ -46,20 +46,26 @@ def input_location(location: str, what: str) -> str:
     return location if "://" in location else str(input_path(location, what))
 
 
-def input_file(location: str | Path, what: str) -> str:
-    """``input_location`` for one file: a URI must name an object that is there (else a
+def stored_file(location: str, what: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and path of the object at the URI ``location``, checked to be there (else a
     ConfigError saying why: no bucket, nothing there, a prefix, the endpoint's answer)."""
-    location = str(location)
-    if "://" not in location:
-        return str(input_path(location, what))
     try:
-        filesystem, path = pafs.FileSystem.from_uri(location)
+        filesystem, path = resolve(location)
         kind = filesystem.get_file_info(path).type
     except (OSError, ValueError):
         kind = None
     if kind != pafs.FileType.File:
         problem = uri_problem(location) if kind != pafs.FileType.Directory else None
         raise ConfigError(f"{what} {location}: {problem or 'a prefix (folder), not a file'}")
+    return filesystem, path
+
+
+def input_file(location: str | Path, what: str) -> str:
+    """``input_location`` for one file: a URI must name an object that is there."""
+    location = str(location)
+    if "://" not in location:
+        return str(input_path(location, what))
+    stored_file(location, what)
     return location
 
 
@@ -70,17 +76,17 @@ def local_file(location: str | Path, what: str) -> Path:
     """An input file on this machine, for code that reads local files only (``torch.load`` of a
     model file): :func:`input_file`'s path, or for a URI its object copied into a temporary
     folder of this process (as ``.../s3/BUCKET/KEY``), removed when the process exits."""
-    found = input_file(location, what)
-    if "://" not in found:
-        return Path(found)
+    location = str(location)
+    if "://" not in location:
+        return input_path(location, what)
+    filesystem, path = stored_file(location, what)
     if not _DOWNLOADS:
         folder = Path(tempfile.mkdtemp(prefix="frnet-inputs-"))
         atexit.register(shutil.rmtree, folder, True)
         _DOWNLOADS.append(folder)
-    scheme, _, rest = found.partition("://")
+    scheme, _, rest = location.partition("://")
     target = _DOWNLOADS[0] / scheme / rest
     target.parent.mkdir(parents=True, exist_ok=True)
-    filesystem, path = pafs.FileSystem.from_uri(found)
     with filesystem.open_input_stream(path) as source, target.open("wb") as sink:
         shutil.copyfileobj(source, sink)
     return target
