@@ -7,7 +7,8 @@
 
 Runs on the Ray cluster it finds (RAY_ADDRESS, or a running local one), else starts a local one.
 What a run does: :mod:`pipeline.training.run`. Ctrl-C stops a run with exit status 130, printing the
-checkpoint it saved and the command that resumes it.
+checkpoint it saved and the command that resumes it; a run Ray Train gives up on (its storage gone
+while it records a checkpoint, its retries spent) prints the same and exits 1.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pipeline.runtime.paths import check_shards_readable, input_path, shards_loc
 from pipeline.runtime.ray_session import RayStartError, check_num_cpus, start_ray
 from pipeline.runtime.stage_tools import setup_logging, stage_parser, write_json
 from pipeline.training.config import TrainConfig
-from pipeline.training.run import TrainingInterrupted, TrainingResult, plan_run, train
+from pipeline.training.run import TrainingFailed, TrainingInterrupted, TrainingResult, plan_run, train
 
 LOG = logging.getLogger("frnet.train")
 # The shell's status for a command stopped by Ctrl-C (128 + SIGINT).
@@ -79,14 +80,18 @@ def resume_command(argv: list[str], name: str, run_dir: Path) -> str:
     return shlex.join(["frnet", "train", *kept, "--name", name, "--resume"])
 
 
-def interrupted(stop: TrainingInterrupted, argv: list[str], run_dir: Path) -> str:
-    """What a Ctrl-C left: the checkpoint saved, the MLflow run's state, the command to resume."""
+def interrupted(stop: TrainingInterrupted | TrainingFailed, argv: list[str], run_dir: Path) -> str:
+    """What a Ctrl-C or a failed run left: the checkpoint saved, the MLflow run's state, the
+    command to resume."""
     if stop.saved is None:
         saved = "no checkpoint to resume from (none registered yet)"
+    elif isinstance(stop.saved, OSError):
+        saved = f"not known (looking it up failed: {str(stop.saved).splitlines()[0]})"
     else:
         saved = f"the checkpoint of epoch {stop.saved[1]} in {stop.saved[0]}"
-    return (f"interrupted: run {stop.name!r} stopped; saved: {saved}; MLflow run {stop.run_id} marked "
-            f"KILLED\nresume with: {resume_command(argv, stop.name, run_dir)}")
+    how, state = ("failed", "FAILED") if isinstance(stop, TrainingFailed) else ("interrupted", "KILLED")
+    return (f"{how}: run {stop.name!r} stopped; saved: {saved}; MLflow run {stop.run_id} marked "
+            f"{state}\nresume with: {resume_command(argv, stop.name, run_dir)}")
 
 
 def print_summary(result: TrainingResult) -> None:
@@ -113,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as stop:
         print(interrupted(stop, argv, args.run_dir), file=sys.stderr)
         return INTERRUPTED
+    except TrainingFailed as stop:
+        LOG.error("run %r (checkpoints in %s) stopped: Ray Train gave up on it: %s", stop.name, stop.folder,
+                  stop.reason)
+        print(interrupted(stop, argv, args.run_dir), file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted before training started: nothing saved", file=sys.stderr)
         return INTERRUPTED
@@ -139,6 +149,8 @@ def train_command(args: argparse.Namespace) -> int:
     except ConfigError as err:
         LOG.error("%s", err)
         return 2
+    except TrainingFailed:
+        raise
     except Exception as err:
         failure = shard_read_failure(err)  # met while training, wrapped by Ray Data and Ray Train
         if failure is not None:

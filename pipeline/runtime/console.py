@@ -173,8 +173,9 @@ def worker_environment() -> dict[str, str]:
 
 def causes(err: BaseException) -> Iterator[BaseException]:
     """``err`` and every error under it, outermost first: causes and contexts, the error inside a
-    Ray task's error (``cause``), and each worker's error of a failed Ray Train run
-    (``worker_failures``). Ray Data and Ray Train wrap a failed read two or three deep."""
+    Ray task's error (``cause``), each worker's error of a failed Ray Train run
+    (``worker_failures``) and its controller's (``controller_failure``). Ray Data and Ray Train
+    wrap a failed read two or three deep."""
     seen: set[int] = set()
     pending = [err]
     while pending:
@@ -183,7 +184,8 @@ def causes(err: BaseException) -> Iterator[BaseException]:
             continue
         seen.add(id(current))
         yield current
-        inner = [current.__cause__, current.__context__, getattr(current, "cause", None)]
+        inner = [current.__cause__, current.__context__, getattr(current, "cause", None),
+                 getattr(current, "controller_failure", None)]
         failures = getattr(current, "worker_failures", None)
         if isinstance(failures, dict):
             inner += list(failures.values())

@@ -4,7 +4,10 @@ Before anything starts, the shard files are checked against the manifest's count
 only). A run name is used once; ``resume`` continues an unfinished run of that name with the same
 config, in the same MLflow run (:mod:`pipeline.training.resume`); a run left RUNNING by a driver killed
 hard is marked KILLED first. Ctrl-C ends the MLflow run as KILLED and raises
-:class:`TrainingInterrupted` with the checkpoint the run can resume from. After training,
+:class:`TrainingInterrupted` with the checkpoint the run can resume from; a run that Ray Train
+gives up on (its retries spent, or an error it does not retry, such as its storage not answering
+when it records a checkpoint) ends FAILED and raises :class:`TrainingFailed` with the same.
+After training,
 the best checkpoint (by validation NME) is written to RUN_DIR/models/NAME.pt and logged to
 MLflow; with AFLW2000-3D shards beside the training shards it is evaluated and registered.
 """
@@ -16,16 +19,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import ray.exceptions
 import ray.train
 import yaml
 from ray.train.torch import TorchTrainer
+from ray.train.v2.api.exceptions import RayTrainError
 
 from models.checkpoint import load_bundle
-from pipeline.data.shard_reader import check_shards
+from pipeline.data.shard_reader import check_shards, shard_read_failure
 from pipeline.registration.gate import Registration, evaluate_and_register
 from pipeline.runtime.cluster_storage import check_shared, training_folders
 from pipeline.runtime.config import to_plain
-from pipeline.runtime.console import sigint_seen
+from pipeline.runtime.console import causes, redact, sigint_seen
 from pipeline.runtime.tracking import (
     TrackingTarget,
     active_run,
@@ -41,7 +46,7 @@ from pipeline.runtime.tracking import (
     open_store,
 )
 from pipeline.training.config import TrainConfig
-from pipeline.training.resume import last_saved, run_to_continue, saved_epoch_metrics
+from pipeline.training.resume import last_saved, run_folder, run_to_continue, saved_epoch_metrics
 from pipeline.training.trainer import best_model_file, make_trainer
 from preprocessing.manifest import Manifest, read_manifest
 
@@ -74,6 +79,18 @@ class TrainingInterrupted(Exception):
     def __init__(self, name: str, run_id: str, saved: tuple[str, int] | None) -> None:
         super().__init__(f"run {name!r} interrupted")
         self.name, self.run_id, self.saved = name, run_id, saved
+
+
+class TrainingFailed(Exception):
+    """Ray Train gave up on the run ``name`` (MLflow run ``run_id``, now FAILED; its checkpoints
+    in ``folder``) for ``reason`` (the first line of the error under Ray's); ``saved`` is the
+    checkpoint it resumes from (folder, epoch), None when no epoch finished, or the error met
+    looking it up (the storage may still be away)."""
+
+    def __init__(self, name: str, run_id: str, saved: tuple[str, int] | None | OSError, reason: str,
+                 folder: str) -> None:
+        super().__init__(f"run {name!r} failed: {reason}")
+        self.name, self.run_id, self.saved, self.reason, self.folder = name, run_id, saved, reason, folder
 
 
 @dataclass(frozen=True)
@@ -116,6 +133,25 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False,
             return tracked_run(config, run_dir, manifest, run)
     except KeyboardInterrupt as err:
         raise TrainingInterrupted(config.run.name, run_id or "", last_saved(config, run_dir)) from err
+    except RayTrainError as err:
+        if shard_read_failure(err) is not None:  # the shards', told by the command as such
+            raise
+        try:
+            saved: tuple[str, int] | None | OSError = last_saved(config, run_dir)
+        except OSError as lookup:
+            saved = lookup
+        raise TrainingFailed(config.run.name, run_id or "", saved, failure_reason(err),
+                             run_folder(config, run_dir)) from err
+
+
+def failure_reason(err: BaseException) -> str:
+    """The first line of the innermost error under Ray's wrappers (the storage's, the worker's),
+    with any secret taken out: ``Type: message``."""
+    wrappers = (RayTrainError, ray.exceptions.RayError)
+    inner = [error for error in causes(err) if not isinstance(error, wrappers)]
+    chosen = inner[-1] if inner else err
+    lines = redact(str(chosen)).strip().splitlines()
+    return f"{type(chosen).__name__}: {lines[0] if lines else ''}"
 
 
 def log_unlogged_epoch(config: TrainConfig, run_dir: Path, run: TrackingTarget) -> None:

@@ -4,6 +4,7 @@ sweep's log axes and the pictures' legends read."""
 
 import logging
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -157,3 +158,31 @@ def test_a_secret_key_never_reaches_the_console(monkeypatch, capsys):
 
     assert console.run_main(failing, []) == 1
     assert "s3cr3t-value" not in capsys.readouterr().err
+
+
+def test_a_failed_training_run_names_the_storage_error_and_the_command_that_resumes_it(monkeypatch):
+    """Ray Train's ControllerError holds the storage's error in ``controller_failure``: the
+    reason is that error's first line (the secret key taken out), and the closing lines give
+    the checkpoint saved, the MLflow run's state and the resume command."""
+    from ray.train import ControllerError
+
+    from pipeline.train import interrupted
+    from pipeline.training.run import TrainingFailed, failure_reason
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
+    storage = OSError("When uploading part for key 'ray/run/x.json' in bucket 'b': AWS Error "
+                      "NETWORK_CONNECTION (key s3cr3t-value)\nsecond line")
+    reason = failure_reason(ControllerError(storage))
+    assert reason == "OSError: When uploading part for key 'ray/run/x.json' in bucket 'b': AWS Error " \
+        "NETWORK_CONNECTION (key ***)"
+    argv = ["--config", "train.yaml", "--storage", "s3://b/ray"]
+    folder = "s3://b/ray/run"
+    saved = interrupted(TrainingFailed("run", "abc", (f"{folder}/checkpoint_1", 3), reason, folder), argv,
+                        Path("runs/x"))
+    assert saved == ("failed: run 'run' stopped; saved: the checkpoint of epoch 3 in "
+                     "s3://b/ray/run/checkpoint_1; MLflow run abc marked FAILED\nresume with: frnet train "
+                     "--config train.yaml --storage s3://b/ray --run-dir runs/x --name run --resume")
+    unknown = interrupted(TrainingFailed("run", "abc", OSError("no answer\nmore"), reason, folder), argv,
+                          Path("runs/x"))
+    assert unknown.startswith("failed: run 'run' stopped; saved: not known (looking it up failed: "
+                              "no answer);")

@@ -1,8 +1,10 @@
 """Every stage on S3-compatible object storage, against a real S3 endpoint on loopback (see
 :mod:`tests.pipeline.s3_harness`), with no folder shared between the stages: `frnet synth` writes
 the raw datasets to a bucket, `frnet preprocess` reads them there and publishes its shards there,
-`frnet train` reads the shards there and keeps its checkpoints there; the model file, copied to
-the bucket, is evaluated, registered and used for prediction there, on the AFLW2000-3D images in
+`frnet train` reads the shards there and keeps its checkpoints there (the endpoint taken away
+mid-run: the run stops with the command that resumes it, which finishes it from the bucket); the
+model file, copied to the bucket, is evaluated, registered and used for prediction there, on the
+AFLW2000-3D images in the bucket; an interrupted `frnet preprocess` resumes from the shards in
 the bucket. The commands are the user's, run as subprocesses with only the AWS variables pointing
 them at the endpoint."""
 
@@ -10,16 +12,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import time
 from pathlib import Path
 
+import mlflow
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from tests.pipeline.cluster_harness import FOREIGN_ENV, VENV_BIN, free_ports
-from tests.pipeline.s3_harness import S3Endpoint, s3_endpoint
+from tests.pipeline.s3_harness import Relay, S3Endpoint, s3_endpoint
 
 pytestmark = pytest.mark.ray
 BUCKET = "frnet-chain"
@@ -67,11 +73,10 @@ def chain(s3, tmp_path_factory):
     steps["preprocess"] = frnet(s3.env, ["preprocess", "--input", f"{root}/raw/300W_LP", "--aflw2000",
                                          f"{root}/raw/AFLW2000", "--output", f"{root}/shards", "--config",
                                          "preprocess.yaml", "--num-cpus", "2"], work)
-    started = time.monotonic()
-    steps["train"] = frnet(s3.env, ["train", "--config", "train.yaml", "--shards", f"{root}/shards",
-                                    "--storage", f"{root}/ray", "--run-dir", "run", "--num-cpus", "2",
-                                    "--json", "train.json"], work)
-    train_seconds = time.monotonic() - started
+    train = ["train", "--config", "train.yaml", "--shards", f"{root}/shards", "--storage", f"{root}/ray",
+             "--run-dir", "run", "--num-cpus", "2", "--json", "train.json"]
+    outage = train_through_an_outage(s3, work, train)
+    steps["train-stopped"], steps["train"] = outage.pop("stopped"), outage.pop("resumed")
     if steps["train"][0] == 0:  # the model file to the bucket, as `aws s3 cp` would
         model_file = json.loads((work / "train.json").read_text())["model_file"]
         pafs.copy_files(model_file, f"{BUCKET}/models/mobile-frnet.pt",
@@ -85,7 +90,48 @@ def chain(s3, tmp_path_factory):
         image = next(key for key in images if key.endswith(".jpg"))
         steps["predict"] = frnet(s3.env, ["predict", "--checkpoint", model, f"{aflw2000}/{image}", "--out",
                                           "predicted", "--json", "predict.json"], work)
-    return {"work": work, "steps": steps, "train_seconds": train_seconds}
+    return {"work": work, "steps": steps, "outage": outage}
+
+
+OUTAGE_S = 10
+
+
+def train_through_an_outage(s3: S3Endpoint, work: Path, command: list[str]) -> dict:
+    """`frnet ARGS` (a training run, checkpoints in the bucket) reaching the endpoint through a
+    relay that takes it away for OUTAGE_S seconds from the moment the run stores its second
+    checkpoint (its first registered); then the command the stopped run printed to resume it,
+    run as printed once the endpoint is back. The run allows Ray Train no restart (its config's
+    ``max_failures`` 0), so it stops: with restarts allowed, whether one lands after the outage
+    depends on the machine's speed."""
+    relay = Relay(s3.url)
+    env = {key: value for key, value in os.environ.items()
+           if key not in FOREIGN_ENV and not key.startswith("AWS_")} | relay.endpoint().env
+    name = yaml.safe_load((work / command[command.index("--config") + 1]).read_text())["run"]["name"]
+    storage = command[command.index("--storage") + 1].removeprefix("s3://")
+    log_path = work / "train-stopped.log"
+    try:
+        with log_path.open("w") as log:
+            process = subprocess.Popen([str(VENV_BIN / "frnet"), *command], cwd=work, env=env, stdout=log,
+                                       stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + 300
+            while process.poll() is None and time.monotonic() < deadline:
+                # Epoch 1's checkpoint stored and registered (Ray Train's record of the run written).
+                if "checkpoint_manager_snapshot.json" in objects(s3.filesystem(), f"{storage}/{name}"):
+                    relay.outage_on(f"/{storage}/{name}/checkpoint_".encode(), OUTAGE_S)
+                    break
+                time.sleep(0.2)
+            status = process.wait(timeout=600)
+        output = log_path.read_text()
+        published = {"model_file": any((work / "run" / "models").glob("*.pt")),
+                     "json": (work / "train.json").exists()}
+        while not relay.outage_over and time.monotonic() < deadline:
+            time.sleep(0.5)
+        resume = re.search(r"^resume with: frnet (train .*)$", output, re.MULTILINE)
+        resumed = frnet(relay.endpoint().env, shlex.split(resume.group(1)), work) if resume else (None, "")
+    finally:
+        relay.close()
+    return {"stopped": (status, output), "resumed": resumed, "turned_away": relay.turned_away,
+            "published_when_stopped": published, "name": name}
 
 
 def test_synth_writes_the_raw_datasets_to_the_bucket(s3, chain):
@@ -119,6 +165,35 @@ def test_train_reads_shards_and_keeps_checkpoints_on_s3(s3, chain):
     stored = objects(s3.filesystem(), f"{BUCKET}/ray/on-s3")
     assert any(key.startswith("checkpoint_") for key in stored), stored[:20]
     assert not (chain["work"] / "run" / "ray").exists()  # the checkpoints went to the bucket only
+
+
+def test_a_connection_lost_mid_run_stops_it_with_the_command_that_resumes_it(s3, chain):
+    """The run met the outage (connections turned away) and stopped in one line naming its
+    checkpoint folder in the bucket, with the checkpoint saved (epoch 1's) and the command that
+    resumes it, having published nothing (no model file, no figures); that command then finishes
+    it from the bucket, every epoch once in the one MLflow run."""
+    status, output = chain["steps"]["train-stopped"]
+    assert chain["outage"]["turned_away"] > 0 and status == 1, output[-3000:]
+    # No traceback of the command's own (Ray's actors may print theirs, forwarded under their names).
+    assert not re.search("^Traceback", output, re.MULTILINE), output[-3000:]
+    assert s3.env["AWS_SECRET_ACCESS_KEY"] not in output
+    errors = [line for line in output.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, output[-3000:]
+    assert f"run 'on-s3' (checkpoints in s3://{BUCKET}/ray/on-s3) stopped: Ray Train gave up on it: " \
+        "OSError: " in errors[0] and "NETWORK_CONNECTION" in errors[0], errors[0]
+    assert re.search(rf"^failed: run 'on-s3' stopped; saved: the checkpoint of epoch 1 in "
+                     rf"s3://{BUCKET}/ray/on-s3/checkpoint_\S+; MLflow run \w+ marked FAILED$",
+                     output, re.MULTILINE), output[-3000:]
+    assert chain["outage"]["published_when_stopped"] == {"model_file": False, "json": False}
+    status, resumed = chain["steps"]["train"]
+    assert status == 0, resumed[-3000:]
+    assert "resumed from the checkpoint of epoch 1" in resumed, resumed[-3000:]
+    figures = json.loads((chain["work"] / "train.json").read_text())
+    client = mlflow.MlflowClient(figures["tracking_uri"])
+    history = client.get_metric_history(figures["run_id"], "val_nme")
+    assert sorted(m.step for m in history) == list(range(1, TRAIN["epochs"] + 1))
+    assert client.get_run(figures["run_id"]).info.status == "FINISHED"
+    print(errors[0])
 
 
 def test_the_secret_key_is_nowhere_the_chain_wrote(s3, chain):
@@ -198,3 +273,30 @@ def test_bad_shard_locations_are_one_line_before_ray(s3, chain, case, request):
     if case == "refused keys":
         assert "refused the credentials" in errors[0], errors[0]
     print(errors[0])
+
+
+def test_an_interrupted_preprocess_on_s3_resumes_from_the_shards_there(s3, chain):
+    """What a killed run leaves in the bucket (no manifest, one shard's completion record
+    missing), then the same command: it keeps the complete shard, writes the other again and
+    publishes the same manifest, each row once. Runs after the chain, which is done with the
+    shards by then."""
+    filesystem, prefix = s3.filesystem(), f"{BUCKET}/shards"
+    with filesystem.open_input_stream(f"{prefix}/manifest.json") as stream:
+        published = json.loads(stream.read())
+    records = sorted(key for key in objects(filesystem, prefix) if key.startswith("_shards/train-"))
+    assert len(records) == 2, records
+    filesystem.delete_file(f"{prefix}/manifest.json")
+    filesystem.delete_file(f"{prefix}/{records[-1]}")
+    status, output = frnet(s3.env, ["preprocess", "--input", f"s3://{BUCKET}/raw/300W_LP", "--aflw2000",
+                                    f"s3://{BUCKET}/raw/AFLW2000", "--output", f"s3://{prefix}", "--config",
+                                    "preprocess.yaml", "--num-cpus", "2"], chain["work"])
+    # The other training shard and the AFLW2000-3D one kept.
+    assert status == 0 and "2 of 3 shards already complete" in output, output[-3000:]
+    assert "shard train-00001 done" in output and "shard train-00000 done" not in output
+    with filesystem.open_input_stream(f"{prefix}/manifest.json") as stream:
+        manifest = json.loads(stream.read())
+    assert manifest["counts"] == published["counts"] and manifest["splits"] == published["splits"]
+    ids = []
+    for name in manifest["splits"]["train"] + manifest["splits"]["val"]:
+        ids += pq.read_table(f"{prefix}/{name}", filesystem=filesystem, columns=["id"])["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == manifest["counts"]["written"]
