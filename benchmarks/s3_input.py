@@ -14,8 +14,11 @@ reported beside them. A 300W-LP-style tree of ``2 x
   listing of the input tree included, which is local in both);
 - **read** as training reads it (:func:`benchmarks.input_ceiling.ray_data`: training's own
   dataset iterated as torch batches by a consumer that does nothing) from the local shards and
-  from the bucket's, over half the training files and over all of them: the rate is the
-  difference in rows over the difference in time, the start what is left of the whole pass.
+  from the bucket's, over half the training files and over all of them: the epoch rate is the
+  whole pass's rows over its time (what an epoch of training waits for, its start included);
+  the streaming rate the difference in rows over the difference in time, the start what is left
+  of the whole pass. A round whose whole pass took no longer than its half pass has no
+  streaming rate (shown as n/a, left out of the median).
 
 The requests are counted from the server's access log as a training run makes them: building
 training's dataset once (the manifest read, Ray Data's look at the files), then each of two epochs
@@ -26,6 +29,7 @@ the number of training files the manifest names.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import re
@@ -44,6 +48,16 @@ from benchmarks.input_ceiling import BATCH, rate_and_start, ray_data
 
 BUCKET = "frnet-bench"
 REQUEST = re.compile(r'"(?:\x1b\[[0-9;]*m)*(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP')
+
+
+def ratio_text(ratio: float) -> str:
+    return "n/a" if math.isnan(ratio) else f"{ratio:.2f}"
+
+
+def median_of_known(values) -> float:
+    """The median of the values that are not NaN (NaN where none is)."""
+    known = [value for value in values if not math.isnan(value)]
+    return statistics.median(known) if known else float("nan")
 
 
 def start_server(log_path: Path) -> tuple[subprocess.Popen, str]:
@@ -166,6 +180,7 @@ def main() -> None:
             files = len(manifest.splits["train"])
             half = files // 2
             reads: dict[str, list[tuple[float, float]]] = {"local": [], "s3": []}
+            epochs: dict[str, list[float]] = {"local": [], "s3": []}
             serving = psutil.Process(server.pid)
             server_cpu, s3_seconds = 0.0, 0.0
             ray_data(shards["s3"], files)  # warm up both readers
@@ -175,31 +190,39 @@ def main() -> None:
                 for where in order:
                     cpu = sum(serving.cpu_times()[:2])
                     passes = [ray_data(shards[where], half), ray_data(shards[where], files)]
-                    reads[where].append(rate_and_start(*passes))
+                    epochs[where].append(passes[1][0] / passes[1][1])
+                    unknown = (float("nan"), float("nan"))
+                    reads[where].append(rate_and_start(*passes) if passes[1][1] > passes[0][1] else unknown)
                     if where == "s3":
                         server_cpu += sum(serving.cpu_times()[:2]) - cpu
                         s3_seconds += passes[0][1] + passes[1][1]
-                ratio = reads["s3"][-1][0] / reads["local"][-1][0]
-                local, s3 = reads["local"][-1][0], reads["s3"][-1][0]
-                print(f"read round {round_ + 1}: local {local:,.0f}, S3 {s3:,.0f} samples/s ({ratio:.2f}x)",
-                      flush=True)
+                local, s3 = epochs["local"][-1], epochs["s3"][-1]
+                streaming = ratio_text(reads["s3"][-1][0] / reads["local"][-1][0])
+                print(f"read round {round_ + 1}: epoch local {local:,.0f}, S3 {s3:,.0f} samples/s "
+                      f"({s3 / local:.2f}x); streaming {streaming}", flush=True)
             run = run_requests(shards["s3"], root / "s3.log")
             ray.shutdown()
             rows = manifest.counts["rows"]["train"]
         finally:
             server.kill()
             server.wait()
-    rate = {where: statistics.median(r for r, _ in reads[where]) for where in reads}
-    start = {where: statistics.median(s for _, s in reads[where]) for where in reads}
+    rate = {where: median_of_known(r for r, _ in reads[where]) for where in reads}
+    start = {where: median_of_known(s for _, s in reads[where]) for where in reads}
     ratios = [s3[0] / local[0] for s3, local in zip(reads["s3"], reads["local"], strict=True)]
+    epoch = {where: statistics.median(values) for where, values in epochs.items()}
+    epoch_ratios = [s3 / local for s3, local in zip(epochs["s3"], epochs["local"], strict=True)]
     write_time = {where: statistics.median(times) for where, times in writes.items()}
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores; {args.cpus} CPUs for Ray; {rows} "
           f"training rows in {files} shard files; batch {BATCH}; medians of {args.repeats} rounds")
-    print("| shards on | samples/s | vs local | each round | start |")
-    print("|---|---|---|---|---|")
-    print(f"| local disk | {rate['local']:,.0f} | 1.00 | | {start['local']:.1f} s |")
-    print(f"| S3 (loopback) | {rate['s3']:,.0f} | **{statistics.median(ratios):.2f}** | "
-          f"{' '.join(f'{r:.2f}' for r in ratios)} | {start['s3']:.1f} s |")
+    print("| shards on | epoch samples/s | vs local | each round | streaming samples/s | vs local | "
+          "each round | start |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| local disk | {epoch['local']:,.0f} | 1.00 | | {rate['local']:,.0f} | 1.00 | | "
+          f"{start['local']:.1f} s |")
+    print(f"| S3 (loopback) | {epoch['s3']:,.0f} | **{statistics.median(epoch_ratios):.2f}** | "
+          f"{' '.join(f'{r:.2f}' for r in epoch_ratios)} | {rate['s3']:,.0f} | "
+          f"{ratio_text(median_of_known(ratios))} | {' '.join(ratio_text(r) for r in ratios)} | "
+          f"{start['s3']:.1f} s |")
     print(f"the S3 server's own CPU: {server_cpu / s3_seconds:.2f} cores on average over the S3 passes")
     print(f"\npreprocessing {2 * args.images} inputs: local {write_time['local']:.1f} s, "
           f"S3 {write_time['s3']:.1f} s ({write_time['local'] / write_time['s3']:.2f}x the local rate)")
@@ -207,7 +230,8 @@ def main() -> None:
     for what, kinds, listings in run:
         counts = ", ".join(f"{kind} {count}" for kind, count in sorted(kinds.items())) or "none"
         print(f"- {what}: {counts}" + (f" (listing {', '.join(listings)})" if listings else ""))
-    write_json(args.json, {"rows": rows, "files": files, "rate": rate, "start": start, "ratios": ratios,
+    write_json(args.json, {"rows": rows, "files": files, "epoch_rate": epoch, "epoch_ratios": epoch_ratios,
+                           "rate": rate, "start": start, "ratios": ratios,
                            "preprocess_s": writes, "server_cores": server_cpu / s3_seconds,
                            "requests": [{"what": what, "requests": dict(kinds), "listings": listings}
                                         for what, kinds, listings in run]})

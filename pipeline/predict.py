@@ -13,12 +13,17 @@ when the detector's score, its five points or the fitted region look wrong. Per 
 ``argument`` or ``mtcnn``, the crop box, the checks and ``flagged``),
 ``STEM_overlay.png`` and, when the morphable model has triangles, ``STEM.obj`` (the dense mesh in
 image pixels, y up); with ``--all-faces`` the stem is ``STEM_face{i}``, i = 0 for the largest face.
+STEM is the image's file name without its extension; where two images share it, their folders
+(as many as tell them apart, then the extension) are put in front, joined by ``_``
+(``a/img.jpg`` and ``b/img.jpg`` give ``a_img`` and ``b_img``). An image given twice is
+predicted once. No output ever replaces an input: ``--out`` and ``--json`` are checked first.
 
 Exit status: 0; 2 when the command cannot start as given (bad usage or ``--box``, an image or
-model file that does not exist or is not a model, a ``--tracking-uri`` with no store there:
-nothing is written); 1 for an unreadable image (images after it are not predicted), or when the
-detector found no face in an image (logged, listed under ``no_face`` in ``--json``, the other
-images still written).
+model file that does not exist or is not a model, a ``--tracking-uri`` with no store there, an
+``--out`` that is a file, a ``--json`` that is a folder, or an output that would replace an input:
+nothing is written); 1 when an image could not be read or the detector found no face in it (each
+logged and listed in ``--json`` under ``failed`` or ``no_face``; the other images still written,
+and the summary too).
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
-from dataclasses import dataclass
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -191,37 +198,145 @@ def find_faces(detector: MtcnnFaceDetector, image: np.ndarray, box: np.ndarray |
 
 @dataclass(frozen=True)
 class Predictions:
-    """What a prediction run found: a record per face (as ``--json`` lists them under ``images``)
-    and the images in which the detector found no face."""
+    """What a prediction run found: a record per face (as ``--json`` lists them under ``images``),
+    the images in which the detector found no face, the images that could not be read (with the
+    reason), and the images given more than once (with the count; each predicted once)."""
 
     faces: list[dict[str, Any]]
     no_face: list[str]
+    failed: list[dict[str, str]] = field(default_factory=list)
+    repeated: dict[str, int] = field(default_factory=dict)
 
-    def to_json(self, model: str) -> dict[str, Any]:
-        return {"model": model, "images": self.faces, "no_face": self.no_face}
+    def counts(self, given: int) -> dict[str, int]:
+        """Images given = distinct + repeats; distinct = with faces + no face + failed."""
+        with_faces = len({record["image"] for record in self.faces})
+        distinct = with_faces + len(self.no_face) + len(self.failed)
+        repeats = sum(self.repeated.values()) - len(self.repeated)
+        if distinct + repeats != given:
+            raise RuntimeError(f"{given} images given, but {distinct} predicted, without a face or failed, "
+                               f"and {repeats} repeats")
+        return {"given": given, "distinct": distinct, "with_faces": with_faces, "no_face": len(self.no_face),
+                "failed": len(self.failed), "faces": len(self.faces)}
+
+    def to_json(self, model: str, given: int) -> dict[str, Any]:
+        return {"model": model, "images": self.faces, "no_face": self.no_face, "failed": self.failed,
+                "repeated": self.repeated, "counts": self.counts(given)}
+
+
+def same_input(location: str) -> str:
+    """One spelling per input file: a local file by its resolved path, a URI as written."""
+    return location if "://" in location else str(Path(location).resolve())
+
+
+def distinct_images(images: list[str]) -> tuple[list[str], dict[str, int]]:
+    """The images in the order given, each once, and how often each repeated one was given."""
+    seen: dict[str, str] = {}
+    for image in images:
+        seen.setdefault(same_input(image), image)
+    given = Counter(same_input(image) for image in images)
+    return list(seen.values()), {seen[key]: n for key, n in given.items() if n > 1}
+
+
+def path_parts(location: str) -> tuple[str, ...]:
+    """The folders and file name of an input: a URI's scheme and bucket included, a local
+    file's resolved path without its root."""
+    if "://" in location:
+        scheme, _, rest = location.partition("://")
+        return (scheme, *PurePosixPath(rest).parts)
+    return Path(location).resolve().parts[1:]
+
+
+def output_stems(images: list[str]) -> dict[str, str]:
+    """A distinct output stem per distinct image (see the module's docstring): images whose
+    stems clash take one more folder each round, or, when they sit in one folder, the extension."""
+    parts = {image: path_parts(image) for image in images}
+    depth, extension = dict.fromkeys(images, 0), dict.fromkeys(images, False)
+
+    def stem(image: str) -> str:
+        names = parts[image]
+        leaf = PurePosixPath(names[-1])
+        folders = names[max(len(names) - 1 - depth[image], 0):-1]
+        return "_".join([*folders, leaf.name.replace(".", "_") if extension[image] else leaf.stem])
+
+    while True:
+        groups = defaultdict(list)
+        for image in images:
+            groups[stem(image)].append(image)
+        clashes = [group for group in groups.values() if len(group) > 1]
+        if not clashes:
+            return {image: stem(image) for image in images}
+        before = (dict(depth), dict(extension))
+        for group in clashes:
+            one_folder = len({parts[image][:-1] for image in group}) == 1
+            for image in group:
+                if one_folder:
+                    extension[image] = True
+                elif depth[image] < len(parts[image]) - 1:
+                    depth[image] += 1
+        if (depth, extension) == before:  # names that "_" joins alike (a_b/c, a/b_c): numbered
+            stems = {image: stem(image) for image in images}
+            for group in clashes:
+                stems |= {image: f"{stem(image)}_{i}" for i, image in enumerate(group)}
+            return stems
+
+
+OUTPUT_ENDINGS = (".json", "_overlay.png", ".obj")
+
+
+def check_outputs(out: Path, summary: Path | None, stems: dict[str, str]) -> None:
+    """``--out`` and ``--json`` before any work: a folder (or none yet) and a file (or none yet),
+    neither replacing an input; a ValueError naming the flag and the reason."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    local = {same_input(image): image for image in stems if "://" not in image}
+    if summary is not None:
+        if summary.is_dir():
+            raise ValueError(f"--json {summary}: is a folder; give the file to write")
+        if str(summary.resolve()) in local:
+            raise ValueError(f"--json {summary}: is one of the input images; it would be replaced")
+        folder = next((parent for parent in summary.resolve().parents if parent.exists()), None)
+        if folder is not None and not folder.is_dir():
+            raise ValueError(f"--json {summary}: {folder} is a file, not a folder")
+    stem_names = "|".join(re.escape(stem) for stem in stems.values())
+    endings = "|".join(re.escape(ending) for ending in OUTPUT_ENDINGS)
+    outputs = re.compile(rf"(?:{stem_names})(?:_face\d+)?(?:{endings})")
+    folder = out.resolve()
+    for key, image in local.items():
+        if Path(key).parent == folder and outputs.fullmatch(Path(key).name):
+            raise ValueError(f"--out {out}: an output would replace the input {image}; choose another --out")
+    if summary is not None and summary.resolve().parent == folder and outputs.fullmatch(summary.name):
+        raise ValueError(f"--json {summary}: is where an image's output goes; give another name")
 
 
 def predict_images(bundle: ModelBundle, images: list[str | Path], out: Path, box: np.ndarray | None = None,
                    all_faces: bool = False) -> Predictions:
-    """Predict every image's face(s) (each a path or an ``s3://`` URI): ``box`` for all, else the
-    detector's largest (or every) face."""
+    """Predict every image's face(s) (each a path or an ``s3://`` URI, each once): ``box`` for
+    all, else the detector's largest (or every) face. An image that cannot be read is listed
+    with its reason and the others go on."""
     predictor = bundle.predictor()
     detector = MtcnnFaceDetector()
     out.mkdir(parents=True, exist_ok=True)
-    records, no_face = [], []
-    for location in images:
-        image_path = str(location)
-        image = read_image(image_path)
+    distinct, repeated = distinct_images([str(image) for image in images])
+    for image, count in repeated.items():
+        LOG.warning("%s: given %d times; predicted once", image, count)
+    stems = output_stems(distinct)
+    records, no_face, failed = [], [], []
+    for image_path in distinct:
+        try:
+            image = read_image(image_path)
+        except (ValueError, OSError) as err:
+            LOG.error("%s", err)
+            failed.append({"image": image_path, "reason": str(err)})
+            continue
         faces = find_faces(detector, image, box)
         if not faces:
             LOG.error("%s: no face found by the face detector (give --box to predict it)", image_path)
-            no_face.append(str(image_path))
+            no_face.append(image_path)
             continue
         for face, found in enumerate(faces if all_faces else faces[:1]):
-            name = PurePosixPath(image_path).stem
-            stem = f"{name}_face{face}" if all_faces else name
+            stem = f"{stems[image_path]}_face{face}" if all_faces else stems[image_path]
             records.append(predict_face(predictor, detector, image, image_path, face, found, out / stem))
-    return Predictions(records, no_face)
+    return Predictions(records, no_face, failed, repeated)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # everything the command line names, before any work
         box = None if args.box is None else parse_box(args.box)
         images = [input_file(image, "image") for image in args.images]
+        check_outputs(args.out, args.json, output_stems(distinct_images(images)[0]))
         if args.model_uri:
             bundle = bundle_from_model_uri(args.model_uri, args.tracking_uri)
         else:
@@ -241,16 +357,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # a ConfigError too
         LOG.error("%s", err)
         return 2
-    try:
-        predictions = predict_images(bundle, images, args.out, box, args.all_faces)
-    except ValueError as err:
-        LOG.error("%s", err)
-        return 1
-    done = len(args.images) - len(predictions.no_face)
-    print(f"{len(predictions.faces)} face(s) in {done} image(s) -> {args.out}"
-          + (f"; no face found in {len(predictions.no_face)}" if predictions.no_face else ""))
-    write_json(args.json, predictions.to_json(args.model_uri or str(args.checkpoint)))
-    return 1 if predictions.no_face else 0
+    predictions = predict_images(bundle, images, args.out, box, args.all_faces)
+    counts = predictions.counts(len(images))
+    print(f"{counts['faces']} face(s) in {counts['with_faces']} image(s) -> {args.out}"
+          + (f"; no face found in {counts['no_face']}" if counts["no_face"] else "")
+          + (f"; {counts['failed']} could not be read" if counts["failed"] else "")
+          + (f"; {counts['given'] - counts['distinct']} given again (predicted once)"
+             if counts["given"] > counts["distinct"] else ""))
+    write_json(args.json, predictions.to_json(args.model_uri or str(args.checkpoint), len(images)))
+    return 1 if predictions.no_face or predictions.failed else 0
 
 
 if __name__ == "__main__":

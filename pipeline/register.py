@@ -30,10 +30,18 @@ from models.face_models import load_face_model
 from pipeline.evaluation.model_loading import check_model_args, parse_param_stats, read_model_file
 from pipeline.evaluation.scoring import EvaluationSet, aflw2000_folder_set, aflw2000_reports, predict_aflw2000
 from pipeline.registration.gate import register_scored
+from pipeline.runtime.config import check_name
 from pipeline.runtime.console import run_main
 from pipeline.runtime.paths import input_location, input_path, local_file, model_source, readable_location
 from pipeline.runtime.stage_tools import progress_logger, setup_logging, stage_parser, write_json
-from pipeline.runtime.tracking import active_run, log_params, log_served_model, open_store, set_tags
+from pipeline.runtime.tracking import (
+    active_run,
+    log_params,
+    log_served_model,
+    open_store,
+    set_tags,
+    writable_store,
+)
 from preprocessing.benchmark_sets import Aflw2000Protocol
 from preprocessing.datasets import list_aflw2000
 from preprocessing.errors import DatasetError
@@ -110,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        check_name(args.name, "--name")
+        writable_store(args.tracking_uri, args.run_dir)  # before the evaluation, which takes a while
         bundle = read_bundle(args)
         bundle.predictor()  # the weights fit the architecture and the morphable model is the one named
     except (ValueError, FileNotFoundError, RuntimeError) as err:

@@ -35,22 +35,24 @@ FOOTER_READERS = 16
 # A shard path as Ray Data's and pyarrow's read errors quote it.
 QUOTED_PARQUET_PATH = re.compile(r"'([^'\n]+\.parquet)'")
 REPREPROCESS = "preprocess again (frnet preprocess ... --overwrite)"
+EVALUATION_PART = "aflw2000"  # the AFLW2000-3D shards, beside the train and val splits
 
 
 class ShardError(ValueError):
     """A shard file that is missing, is not Parquet, or does not hold the rows its manifest says."""
 
 
-def check_shards(shards: str, manifest: Manifest) -> None:
+def check_shards(shards: str, manifest: Manifest,
+                 parts: tuple[str, ...] = (*SPLITS, EVALUATION_PART)) -> None:
     """Every shard file the manifest lists exists, is Parquet, and the rows in the files (their
     footers only) are the rows the manifest counts: per file where it records them, per split
-    (``counts.rows``) and for the AFLW2000-3D shards (``aflw2000.counts.written``). A ShardError
-    names the file or split and both counts."""
-    expected = {split: manifest.counts.get("rows", {}).get(split) for split in SPLITS}
-    files = {split: manifest.splits[split] for split in SPLITS}
-    if manifest.aflw2000 is not None:
-        expected["aflw2000"] = manifest.aflw2000.counts.get("written")
-        files["aflw2000"] = manifest.aflw2000.shards
+    (``counts.rows``) and for the AFLW2000-3D shards (``aflw2000.counts.written``); ``parts``:
+    which of them. A ShardError names the file or split and both counts."""
+    expected = {split: manifest.counts.get("rows", {}).get(split) for split in SPLITS if split in parts}
+    files = {split: manifest.splits[split] for split in SPLITS if split in parts}
+    if manifest.aflw2000 is not None and EVALUATION_PART in parts:
+        expected[EVALUATION_PART] = manifest.aflw2000.counts.get("written")
+        files[EVALUATION_PART] = manifest.aflw2000.shards
     names = [name for split_files in files.values() for name in split_files]
     with ThreadPoolExecutor(max_workers=max(1, min(FOOTER_READERS, len(names)))) as pool:
         rows = dict(zip(names, pool.map(lambda name: shard_rows(shards, name), names), strict=True))
@@ -61,7 +63,7 @@ def check_shards(shards: str, manifest: Manifest) -> None:
                              f"counts.{ROWS_BY_FILE} says {by_file[name]}; {REPREPROCESS}")
     for split, split_files in files.items():
         held = sum(rows[name] for name in split_files)
-        key = "aflw2000.counts.written" if split == "aflw2000" else f"counts.rows.{split}"
+        key = "aflw2000.counts.written" if split == EVALUATION_PART else f"counts.rows.{split}"
         if expected[split] is None:
             raise ShardError(f"{shard_display(shards, MANIFEST_FILE)}: no {key} to check the {split} "
                              f"shards against; {REPREPROCESS}")
@@ -69,6 +71,21 @@ def check_shards(shards: str, manifest: Manifest) -> None:
             files_held = f"{len(split_files)} file{'' if len(split_files) == 1 else 's'}"
             raise ShardError(f"{shard_display(shards, MANIFEST_FILE)}: {key} is {expected[split]}, but the "
                              f"{split} shards ({files_held}) hold {held} rows; {REPREPROCESS}")
+
+
+def check_evaluation_shards(shards: str, manifest: Manifest, morphable_identity: str) -> None:
+    """Before a model is scored on the AFLW2000-3D shards: they hold the rows the manifest
+    counts (:func:`check_shards`), and the manifest's morphable model is the one the model was
+    trained with (a manifest edited or copied from another shard set is refused, not scored)."""
+    if manifest.aflw2000 is None:
+        raise ShardError(f"{shard_display(shards, MANIFEST_FILE)}: no AFLW2000-3D shards (preprocess with "
+                         "--aflw2000)")
+    check_shards(shards, manifest, (EVALUATION_PART,))
+    labelled = manifest.morphable_model.identity
+    if labelled != morphable_identity:
+        raise ShardError(f"{shard_display(shards, MANIFEST_FILE)}: morphable_model.identity is {labelled}, "
+                         f"but the model scored was trained with {morphable_identity}: these shards were "
+                         f"not made for it; {REPREPROCESS}")
 
 
 def shard_rows(shards: str, name: str) -> int:

@@ -25,7 +25,7 @@ import pyarrow.fs as pafs
 from models.frame import nme, param_frame_to_image
 from models.metrics import MISSING_POINT, aflw2000_report, nme_21, reconstruction_nme
 from models.predictor import FacePredictor
-from pipeline.data.shard_reader import evaluation_batches, evaluation_count
+from pipeline.data.shard_reader import check_evaluation_shards, evaluation_batches, evaluation_count
 from preprocessing.benchmark_sets import (
     AFLW2000_ARRAYS,
     Aflw2000Protocol,
@@ -189,7 +189,10 @@ def score_shards(predictor: FacePredictor, shards: str, manifest: Manifest,
 
 def score_shards_on_set(predictor: FacePredictor, shards: str, manifest: Manifest,
                         batch_size: int = 64) -> tuple[dict[str, Any], EvaluationSet]:
-    """:func:`score_shards`, and the set it was measured on."""
+    """:func:`score_shards`, and the set it was measured on. The shards are checked first
+    (:func:`check_evaluation_shards`: their rows against the manifest, its morphable model
+    against the predictor's)."""
+    check_evaluation_shards(shards, manifest, predictor.model.identity)
     batches = evaluation_batches(shards, manifest, batch_size)
     predictions = predict_faces(predictor, batches, evaluation_count(manifest))
     return landmark_report(predictions), shards_set(predictions, manifest.image_format)

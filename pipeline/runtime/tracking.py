@@ -18,6 +18,8 @@ import shutil
 import socket
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -238,6 +240,58 @@ def register_version(model_uri: str, registered_model: str) -> str:
     for line in printed.getvalue().splitlines():
         LOG.debug("%s", line)
     return version
+
+
+# How long a tracking server has to answer its health route before a command that writes to it
+# gives up (before any work): MLflow's own client retries a closed port for minutes.
+STORE_ANSWER_S = 10
+SQLITE_HEADER = b"SQLite format 3\x00"
+FILE_STORE_SWITCH = "MLFLOW_ALLOW_FILE_STORE"
+
+
+def store_problem(uri: str) -> str | None:
+    """Why ``uri`` is no MLflow store a command can write to, or None: a server that does not
+    answer ``/health`` within :data:`STORE_ANSWER_S`, an sqlite URI naming a folder or a file
+    that is no SQLite database (a missing file is a new store), a plain folder (MLflow 3's file
+    store, refused by MLflow unless switched on). Other schemes are left to MLflow."""
+    if uri.startswith(("http://", "https://")):
+        health = f"{uri.rstrip('/')}/health"
+        try:
+            with urllib.request.urlopen(health, timeout=STORE_ANSWER_S) as response:
+                response.read(64)
+        except urllib.error.HTTPError as err:
+            return f"{health} answered HTTP {err.code}: not an MLflow tracking server"
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            return f"no MLflow server answered within {STORE_ANSWER_S} s ({reason})"
+        return None
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if path.is_dir():
+            return f"{path} is a folder, not an SQLite database file"
+        if path.is_file() and path.stat().st_size > 0:
+            with path.open("rb") as stream:
+                if stream.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+                    return f"{path} is not an SQLite database"
+        elif not path.exists() and path.parent.is_file():
+            return f"{path.parent} is a file, not a folder"
+        return None
+    file_store = "://" not in uri or uri.startswith("file:")
+    if file_store and os.environ.get(FILE_STORE_SWITCH, "").lower() != "true":
+        return (f"a folder is MLflow's file store, which MLflow 3 refuses unless {FILE_STORE_SWITCH}=true; "
+                "give sqlite:///FOLDER/mlflow.db or a tracking server's http://HOST:PORT")
+    return None
+
+
+def writable_store(configured: str, run_dir: Path) -> str:
+    """The store a command will write to (:func:`tracking_uri`, its folder not made yet),
+    checked (:func:`store_problem`) before any work; a ConfigError names the flag, the URI and
+    the reason."""
+    uri = configured or f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+    problem = store_problem(uri)
+    if problem is not None:
+        raise ConfigError(f"--tracking-uri {uri}: {problem}; nothing was evaluated or registered")
+    return uri
 
 
 def existing_store(uri: str | None) -> str:

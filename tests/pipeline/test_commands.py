@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import ray
 
-from pipeline import predict, preprocess, train, tune
+from pipeline import predict, preprocess, register, train, tune
 from pipeline.cli import STAGES
 from pipeline.runtime.stage_tools import EXIT_STATUS
+from tests.pipeline.cluster_harness import free_ports
 
 # Options that name where a stage writes; each either is required or says its default.
 OUTPUT_OPTIONS = {"--out", "--output", "--run-dir", "--json", "--onnx"}
@@ -83,6 +84,75 @@ def test_predict_refuses_a_missing_image_or_model_file_before_any_work(image, tm
     assert second.startswith("image ") and "nothere.jpg: not found" in second
     assert third.startswith(f"{image}: not a model file")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["out is a file", "json is a folder", "json is an input",
+                                  "out replaces an input", "json is an output", "json under a file"])
+def test_predict_refuses_outputs_that_would_replace_an_input_before_loading_the_model(case, image, tmp_path,
+                                                                                      caplog):
+    """Checked before the model file is looked at (it does not exist here, and the error is not
+    about it): exit 2, one line naming the flag and the reason, nothing written or replaced."""
+    out, summary = tmp_path / "out", None
+    images = [image]
+    if case == "out is a file":
+        out.write_text("notes\n")
+    elif case == "json is a folder":
+        summary = tmp_path / "images"
+    elif case == "json is an input":
+        summary = image
+    elif case == "out replaces an input":  # face.png's overlay would replace the input face_overlay.png
+        images.append(image.with_name("face_overlay.png"))
+        cv2.imwrite(str(images[-1]), np.full((64, 64, 3), 30, np.uint8))
+        out = image.parent
+    elif case == "json is an output":
+        summary = out / "face.json"
+    elif case == "json under a file":
+        summary = image / "summary.json"
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    args = ["--checkpoint", str(tmp_path / "none.pt"), *map(str, images), "--out", str(out)]
+    assert predict.main(args + (["--json", str(summary)] if summary else [])) == 2
+    expected = {"out is a file": f"--out {out}: exists and is not a folder",
+                "json is a folder": f"--json {summary}: is a folder; give the file to write",
+                "json is an input": f"--json {summary}: is one of the input images; it would be replaced",
+                "out replaces an input": f"--out {out}: an output would replace the input {images[-1]}; "
+                                         "choose another --out",
+                "json is an output": f"--json {summary}: is where an image's output goes; give another name",
+                "json under a file": f"--json {summary}: {image} is a file, not a folder"}[case]
+    assert error_lines(caplog) == [expected]
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
+
+
+@pytest.mark.parametrize("case", ["plain folder", "sqlite text file", "sqlite folder", "closed port",
+                                  "name with a path", "empty name"])
+def test_register_refuses_a_bad_store_or_name_before_loading_anything(case, tmp_path, monkeypatch, caplog):
+    """Checked before the model file is looked at (it does not exist here) and before any
+    evaluation: exit 2 in one line naming the flag and the reason, nothing created in the
+    store's place."""
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a database\n")
+    port = free_ports(1)[0]
+    store, name = {"plain folder": (str(tmp_path), "m"), "sqlite text file": (f"sqlite:///{notes}", "m"),
+                   "sqlite folder": (f"sqlite:///{tmp_path}", "m"),
+                   "closed port": (f"http://127.0.0.1:{port}", "m"),
+                   "name with a path": (f"sqlite:///{tmp_path}/mlflow.db", "a/../b"),
+                   "empty name": (f"sqlite:///{tmp_path}/mlflow.db", "")}[case]
+    status = register.main(["--checkpoint", str(tmp_path / "none.pt"), "--tracking-uri", store, "--name",
+                            name, "--aflw2000", str(tmp_path / "no-such-folder")])
+    assert status == 2
+    reason = {"plain folder": "a folder is MLflow's file store, which MLflow 3 refuses unless "
+                              "MLFLOW_ALLOW_FILE_STORE=true",
+              "sqlite text file": f"{notes} is not an SQLite database",
+              "sqlite folder": f"{tmp_path} is a folder, not an SQLite database file",
+              "closed port": "no MLflow server answered within 10 s"}
+    [line] = error_lines(caplog)
+    if case in reason:
+        assert line.startswith(f"--tracking-uri {store}: {reason[case]}"), line
+        assert line.endswith("nothing was evaluated or registered"), line
+    else:
+        assert line.startswith("--name: must be a name of letters, digits"), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert notes.read_text() == "not a database\n"
 
 
 @pytest.mark.parametrize("stage", [train, tune, preprocess], ids=["train", "tune", "preprocess"])

@@ -136,6 +136,28 @@ def test_an_image_without_a_face_is_listed_and_the_others_written(peer_model_fil
     assert [record["image"] for record in figures["images"]] == [str(real_face_path)]
 
 
+def test_same_names_a_repeat_and_a_bad_image_lose_nothing(peer_model_file, real_face_path, tmp_path, caplog):
+    """Two images named alike in two folders get two output sets; an image given twice is
+    predicted once; an unreadable one is listed with its reason while the others are written;
+    the summary's counts reconcile with the images given (exit 1 for the failure)."""
+    first, second, bad = tmp_path / "a" / "face.jpg", tmp_path / "b" / "face.jpg", tmp_path / "a" / "bad.jpg"
+    for path in (first, second):
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(real_face_path.read_bytes())
+    bad.write_bytes(b"not a jpeg\n")
+    out, summary = tmp_path / "out", tmp_path / "summary.json"
+    assert run_predict("--checkpoint", peer_model_file, first, bad, second, first, "--out", out,
+                       "--json", summary) == 1
+    assert sorted(p.name for p in out.glob("*.json")) == ["a_face.json", "b_face.json"]
+    figures = json.loads(summary.read_text())
+    assert [record["image"] for record in figures["images"]] == [str(first), str(second)]
+    assert figures["failed"] == [{"image": str(bad), "reason": f"{bad}: not a readable image"}]
+    assert figures["repeated"] == {str(first): 2}
+    assert figures["counts"] == {"given": 4, "distinct": 3, "with_faces": 2, "no_face": 0, "failed": 1,
+                                 "faces": 2}
+    assert f"{first}: given 2 times; predicted once" in caplog.text
+
+
 def test_all_faces_writes_each_face_largest_first(peer_model_file, tmp_path):
     face = real_face_image()
     canvas = np.zeros((450, 338 + 450, 3), np.uint8)

@@ -18,7 +18,11 @@ import mlflow
 import pytest
 import yaml
 
+from models.face_models import load_face_model
+from models.mobile_frnet import MobileFRNet
+from models.predictor import FacePredictor
 from pipeline.data.shard_reader import ShardError, shard_read_failure
+from pipeline.evaluation.scoring import score_shards
 from pipeline.runtime.config import ConfigError, to_plain
 from pipeline.runtime.tracking import DRIVER_TAG
 from pipeline.train import load_train_config, parse_args
@@ -100,6 +104,27 @@ def test_shards_unlike_their_manifest_are_refused_before_training(case, shards, 
     assert str(caught.value).startswith(expected), str(caught.value)
     assert "\n" not in str(caught.value)
     assert not (run_dir / "mlflow.db").exists() and not (run_dir / "ray").exists()
+
+
+@pytest.mark.parametrize("case", ["evaluation count", "morphable model"])
+def test_scoring_refuses_shards_unlike_their_manifest_or_the_model(case, shards, tmp_path):
+    """The registration gate's scoring reads the AFLW2000-3D shards itself: a manifest whose
+    evaluation count or morphable model was edited is refused there too, not scored."""
+    damaged = copy_of(shards, tmp_path)
+    manifest = read_manifest(str(shards))
+    predictor = FacePredictor(MobileFRNet(width=0.25), manifest.whitening,
+                              load_face_model(manifest.morphable_model.source))
+    if case == "evaluation count":
+        expected = plant(case, damaged)
+    else:
+        edit_manifest(damaged, lambda m: m["morphable_model"].update(identity="0123456789abcdef"))
+        expected = (f"{damaged}/manifest.json: morphable_model.identity is 0123456789abcdef, but the model "
+                    f"scored was trained with {predictor.model.identity}")
+    intact = score_shards(predictor, str(shards), manifest)
+    assert sum(b["count"] for b in intact["bins"]) == 4  # the intact set scores
+    with pytest.raises(ShardError) as caught:
+        score_shards(predictor, str(damaged), read_manifest(str(damaged)))
+    assert str(caught.value).startswith(expected), str(caught.value)
 
 
 def test_the_command_names_the_truncated_shard_in_one_line(shards, tmp_path):
