@@ -12,6 +12,15 @@ weights as a state dict, architecture, whitening statistics; ``torch.load(weight
 beside it is this module and what it imports, torch, numpy and OpenCV only, so loading needs
 neither this project nor anything pickled. A crop of another square size is resized to 120x120
 (bilinear) first, and its landmarks are given in its own pixels.
+
+The input contract, the same in-process and over ``mlflow models serve`` (whose JSON body
+reaches ``predict`` as the array numpy makes of it: the model's signature declares its outputs
+only, so the server casts nothing): whole-number pixel values 0..255, as uint8 or any integer
+dtype (a float or bool array is refused, its dtype named, so NaN never reaches the network);
+square crops of at least :data:`MIN_CROP_SIDE` pixels; at most :data:`MAX_BATCH` crops a call;
+an empty batch gives empty outputs. A refusal is a ValueError whose message names the reason;
+through pyfunc it is MLflow's invalid-input error with that message, which its server answers
+with 400 and no stack trace.
 """
 
 from __future__ import annotations
@@ -36,6 +45,11 @@ FORMAT = "mobile-frnet-served/1"
 MODULES = ("frame", "params", "morphable", "architectures", "mobile_frnet", "mobilenet_v1", "weights",
            "served")
 OUTPUTS = ("landmarks", "pose", "params")
+# The smallest crop side scored: below it a face has too few pixels for 68 points (the network
+# sees 120x120; a 32-pixel crop is already enlarged almost 4 times).
+MIN_CROP_SIDE = 32
+# The most crops one call takes: 64 crops of 120x120 are 2.8 MB as uint8, about 10 MB as JSON.
+MAX_BATCH = 64
 
 
 def write_model_folder(folder: Path, model_file_data: dict[str, Any], face_model: MorphableModel) -> None:
@@ -67,6 +81,8 @@ class ServedModel:
     @torch.no_grad()
     def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
         crops = as_crops(model_input)
+        if len(crops) == 0:
+            return {"landmarks": np.zeros((0, 68, 2)), "pose": np.zeros((0, 3)), "params": np.zeros((0, 62))}
         size = crops.shape[1]
         if size != CROP_SIZE:
             crops = np.stack([cv2.resize(crop, (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_LINEAR)
@@ -83,15 +99,25 @@ class ServedModel:
 
 
 def as_crops(model_input: Any) -> np.ndarray:
-    """(N, S, S, 3) uint8 from what pyfunc passes (an array, as the tensor signature makes it)."""
+    """(N, S, S, 3) uint8 from what pyfunc passes, by the module's input contract; a
+    ValueError names what is wrong."""
     crops = np.asarray(model_input)
+    if crops.ndim == 1 and crops.size == 0:  # `{"inputs": []}`: no crops
+        return np.zeros((0, CROP_SIZE, CROP_SIZE, 3), np.uint8)
     if crops.ndim == 3:
         crops = crops[None]
-    if crops.ndim != 4 or crops.shape[-1] != 3 or crops.shape[1] != crops.shape[2] or crops.shape[1] < 2:
+    if crops.ndim != 4 or crops.shape[-1] != 3 or crops.shape[1] != crops.shape[2]:
         raise ValueError(f"expected BGR face crops of shape (N, S, S, 3), got {crops.shape}")
+    if len(crops) > MAX_BATCH:
+        raise ValueError(f"at most {MAX_BATCH} crops a call, got {len(crops)}: split the batch")
+    if crops.shape[1] < MIN_CROP_SIDE:
+        raise ValueError(f"crops of at least {MIN_CROP_SIDE}x{MIN_CROP_SIDE} pixels, got "
+                         f"{crops.shape[1]}x{crops.shape[2]}")
     if crops.dtype != np.uint8:
-        if not np.issubdtype(crops.dtype, np.number) or crops.min() < 0 or crops.max() > 255:
-            raise ValueError(f"expected uint8 pixel values 0..255, got {crops.dtype}")
+        if crops.dtype == np.bool_ or not np.issubdtype(crops.dtype, np.integer):
+            raise ValueError(f"expected whole-number pixel values 0..255 (uint8), got dtype {crops.dtype}")
+        if crops.size and (crops.min() < 0 or crops.max() > 255):
+            raise ValueError(f"expected pixel values 0..255 (uint8), got {crops.min()}..{crops.max()}")
         crops = crops.astype(np.uint8)
     return np.ascontiguousarray(crops)
 
@@ -113,6 +139,24 @@ def load_model_folder(folder: Path) -> ServedModel:
     return ServedModel(network, stats, face_model)
 
 
-def _load_pyfunc(path: str) -> ServedModel:
+class PyfuncModel:
+    """What MLflow's pyfunc calls: :class:`ServedModel`'s predict, with a refused input raised as
+    MLflow's invalid-input error (its server answers 400 with the message; any other exception
+    becomes its generic 400 with a stack trace that names the server's paths)."""
+
+    def __init__(self, model: ServedModel) -> None:
+        self.model = model
+
+    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+        try:
+            return self.model.predict(model_input, params)
+        except ValueError as err:
+            from mlflow.exceptions import MlflowException  # present wherever pyfunc loads this
+            from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from err
+
+
+def _load_pyfunc(path: str) -> PyfuncModel:
     """MLflow's entry point for ``loader_module="models.served"``: ``path`` is the data folder."""
-    return load_model_folder(Path(path))
+    return PyfuncModel(load_model_folder(Path(path)))

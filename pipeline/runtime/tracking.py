@@ -54,9 +54,11 @@ STALE_TAG = "frnet.ended_by"
 KILLED = "KILLED"
 
 
-# Crops of any square size in; per face 68 landmarks (crop pixels), pose (degrees), parameters.
+# Per face 68 landmarks (crop pixels), pose (degrees), parameters. No input schema: with one,
+# MLflow's server casts a JSON body to its dtype (floats 0..1 and booleans became uint8 and were
+# scored); without, the model sees the array as sent and applies its own contract
+# (models.served.as_crops), the same as in-process.
 SERVED_SIGNATURE = ModelSignature(
-    inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
     outputs=Schema([TensorSpec(np.dtype(np.float64), (-1, 68, 2), "landmarks"),
                     TensorSpec(np.dtype(np.float64), (-1, 3), "pose"),
                     TensorSpec(np.dtype(np.float64), (-1, 62), "params")]))

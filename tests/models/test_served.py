@@ -56,11 +56,29 @@ def test_answers_as_the_predictor_does_in_the_crops_pixels(written):
 @pytest.mark.parametrize(("crops", "message"), [
     (np.zeros((120, 120), np.uint8), r"shape \(N, S, S, 3\), got \(120, 120\)"),
     (np.zeros((1, 120, 100, 3), np.uint8), r"got \(1, 120, 100, 3\)"),
-    (np.full((1, 120, 120, 3), 300.0), "uint8 pixel values 0..255"),
+    (np.full((1, 120, 120, 3), 300.0), r"whole-number pixel values 0..255 \(uint8\), got dtype float64"),
+    (np.full((1, 120, 120, 3), 0.5, np.float32), "got dtype float32"),
+    (np.full((1, 120, 120, 3), np.nan), "got dtype float64"),
+    (np.ones((1, 120, 120, 3), bool), "got dtype bool"),
+    (np.full((1, 120, 120, 3), 256, np.int64), r"pixel values 0..255 \(uint8\), got 256..256"),
+    (np.zeros((1, 2, 2, 3), np.uint8), "crops of at least 32x32 pixels, got 2x2"),
+    (np.zeros((1, 1, 1, 3), np.uint8), "crops of at least 32x32 pixels, got 1x1"),
+    (np.zeros((65, 32, 32, 3), np.uint8), "at most 64 crops a call, got 65"),
 ])
 def test_bad_crops_are_refused_with_their_shape(written, crops, message):
     with pytest.raises(ValueError, match=message):
         served.load_model_folder(written[0]).predict(crops)
+
+
+def test_an_empty_batch_gives_empty_outputs_and_integer_pixels_equal_uint8(written):
+    model = served.load_model_folder(written[0])
+    empty = model.predict(np.zeros((0, 120, 120, 3), np.uint8))
+    shapes = {"landmarks": (0, 68, 2), "pose": (0, 3), "params": (0, 62)}
+    assert {k: v.shape for k, v in empty.items()} == shapes
+    assert {k: v.shape for k, v in model.predict(np.array([])).items()} == shapes  # `{"inputs": []}`
+    crop = np.random.default_rng(0).integers(0, 256, (1, 120, 120, 3))
+    for name, expected in model.predict(crop.astype(np.uint8)).items():
+        np.testing.assert_array_equal(model.predict(crop)[name], expected)  # int64, as a JSON body parses
 
 
 def test_a_folder_whose_arrays_are_not_the_networks_morphable_model_is_refused(written, tmp_path):

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -163,7 +164,29 @@ def test_pull_in_a_clean_environment_and_serve(registered, processes, tmp_path):
         served = json.loads(response.read())["predictions"]
     np.testing.assert_allclose(np.array(served["landmarks"])[0].T, ours, atol=1e-6)
     np.testing.assert_allclose(np.array(served["pose"])[0], pose, atol=1e-6)
+    # The model's input contract over HTTP, as in-process: nothing cast, a refusal is a 400 that
+    # names the reason and no path of the server; an empty batch is answered empty.
+    refused = {"floats 0..1": ((crop / 255.0).tolist(), "got dtype float64"),
+               "booleans": ((crop > 127).tolist(), "got dtype bool"),
+               "a 2x2 crop": (crop[:, :2, :2].tolist(), "crops of at least 32x32 pixels, got 2x2")}
+    for case, (body, reason) in refused.items():
+        status, answer = post(port, {"inputs": body})
+        assert status == 400 and reason in answer, f"{case}: {status} {answer[:500]}"
+        assert "stack_trace" not in answer and str(REPO_ROOT) not in answer and "site-packages" not in answer
+    status, answer = post(port, {"inputs": []})
+    assert status == 200 and json.loads(answer)["predictions"] == {"landmarks": [], "pose": [], "params": []}
     assert not keeper.stop({server.pid})
+
+
+def post(port: int, body: dict) -> tuple[int, str]:
+    """POST ``body`` as JSON to the served model; (HTTP status, body text)."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
 
 
 def test_a_version_logged_before_the_self_contained_form_still_loads(tmp_path):
