@@ -123,7 +123,8 @@ def test_the_checks_see_a_planted_copy(tmp_path):
 
 def test_a_served_model_ships_every_module_it_imports_and_no_other_package():
     """The code logged with a registered model (models.served.MODULES) is closed under its own
-    imports and needs only the standard library, torch, numpy and OpenCV."""
+    imports and needs only the standard library, torch, numpy and OpenCV; and MLflow in
+    ``served`` alone, whose pyfunc entry runs only where MLflow is loading the model."""
     import sys
 
     from models.served import MODULES
@@ -135,7 +136,8 @@ def test_a_served_model_ships_every_module_it_imports_and_no_other_package():
             if top == "models":
                 assert rest in MODULES, f"models/{module}.py imports {name}, which a served model lacks"
             else:
-                assert top in allowed, f"models/{module}.py imports {name}: not shipped with a served model"
+                assert top in allowed | ({"mlflow"} if module == "served" else set()), \
+                    f"models/{module}.py imports {name}: not shipped with a served model"
 
 
 # The commands users run: ``frnet STAGE`` is ``python pipeline/STAGE.py``; ``cli`` is ``frnet`` itself.
