@@ -230,11 +230,10 @@ def same_input(location: str) -> str:
 
 def distinct_images(images: list[str]) -> tuple[list[str], dict[str, int]]:
     """The images in the order given, each once, and how often each repeated one was given."""
-    seen: dict[str, str] = {}
-    for image in images:
-        seen.setdefault(same_input(image), image)
-    given = Counter(same_input(image) for image in images)
-    return list(seen.values()), {seen[key]: n for key, n in given.items() if n > 1}
+    keys = [same_input(image) for image in images]
+    first = dict(zip(reversed(keys), reversed(images), strict=True))  # each key's first spelling
+    given = Counter(keys)
+    return [first[key] for key in given], {first[key]: n for key, n in given.items() if n > 1}
 
 
 def path_parts(location: str) -> tuple[str, ...]:
